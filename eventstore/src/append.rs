@@ -1,0 +1,118 @@
+//! Rules every backend's append shares: idempotent retries and conflicts.
+
+use uuid::Uuid;
+
+use crate::{AppendResult, Error, ExpectedVersion, Position, Result, StreamName};
+
+/// Where an event id of the batch was already written.
+#[derive(Clone, Debug)]
+pub(crate) struct Written {
+    pub(crate) id: Uuid,
+    pub(crate) stream: String,
+    pub(crate) version: u64,
+    pub(crate) position: Position,
+}
+
+/// Decides what an append whose batch ids were (some or all) already written means.
+///
+/// `written` are the stored events that carry any of `batch` ids. Returns:
+/// - `Ok(None)` when none was written: the append failed for another reason (a version
+///   conflict);
+/// - `Ok(Some(result))` when every event of the batch was written before, in batch order at
+///   consecutive versions of this stream, at a place `expected` allows: an idempotent retry,
+///   answered with the original result (as EventStoreDB does, this includes retrying a
+///   contiguous part of an earlier batch);
+/// - `Err(DuplicateEvents)` otherwise.
+pub(crate) fn resolve_written(
+    stream: &StreamName,
+    expected: ExpectedVersion,
+    batch: &[Uuid],
+    mut written: Vec<Written>,
+) -> Result<Option<AppendResult>> {
+    if written.is_empty() {
+        return Ok(None);
+    }
+    let duplicate = |written: &[Written]| Error::DuplicateEvents {
+        stream: stream.clone(),
+        event_ids: batch.iter().copied().filter(|id| written.iter().any(|w| w.id == *id)).collect(),
+    };
+    if written.len() != batch.len() {
+        return Err(duplicate(&written));
+    }
+    written.sort_by_key(|w| batch.iter().position(|id| *id == w.id));
+    let first = written[0].version;
+    let same_batch = written.iter().enumerate().all(|(i, w)| {
+        w.stream == stream.as_str() && w.id == batch[i] && Some(w.version) == first.checked_add(i as u64)
+    });
+    let consistent = match expected {
+        ExpectedVersion::Any | ExpectedVersion::StreamExists => true,
+        ExpectedVersion::NoStream => first == 0,
+        ExpectedVersion::Exact(v) => v.checked_add(1) == Some(first),
+    };
+    if !(same_batch && consistent) {
+        return Err(duplicate(&written));
+    }
+    let version = written.last().map_or(first, |w| w.version);
+    Ok(Some(AppendResult::new(version, written.iter().map(|w| w.position).collect())))
+}
+
+/// The version the first event of a batch gets, or the conflict if `expected` does not hold.
+pub(crate) fn first_version(stream: &StreamName, expected: ExpectedVersion, current: Option<u64>) -> Result<u64> {
+    if !expected.is_satisfied_by(current) {
+        return Err(Error::Conflict { stream: stream.clone(), expected, actual: current });
+    }
+    Ok(current.map_or(0, |v| v + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(ids: &[Uuid], stream: &str, first: u64) -> Vec<Written> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| Written {
+                id: *id,
+                stream: stream.into(),
+                version: first + i as u64,
+                position: Position::new(0, 10 + i as u64),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_retry_of_the_same_batch_returns_the_original_result() {
+        let s = StreamName::new("a-1").unwrap();
+        let ids = [Uuid::now_v7(), Uuid::now_v7()];
+        for expected in [ExpectedVersion::Exact(2), ExpectedVersion::Any, ExpectedVersion::StreamExists] {
+            let r = resolve_written(&s, expected, &ids, written(&ids, "a-1", 3)).unwrap().unwrap();
+            assert_eq!(r.version, 4);
+            assert_eq!(r.positions, vec![Position::new(0, 10), Position::new(0, 11)]);
+        }
+        // Order of the rows found does not matter.
+        let mut rows = written(&ids, "a-1", 0);
+        rows.reverse();
+        assert!(resolve_written(&s, ExpectedVersion::NoStream, &ids, rows).unwrap().is_some());
+    }
+
+    #[test]
+    fn anything_else_is_a_duplicate_error() {
+        let s = StreamName::new("a-1").unwrap();
+        let ids = [Uuid::now_v7(), Uuid::now_v7()];
+        assert!(resolve_written(&s, ExpectedVersion::Any, &ids, vec![]).unwrap().is_none());
+        let cases = [
+            (ExpectedVersion::Any, written(&ids[..1], "a-1", 0)), // partial
+            (ExpectedVersion::Exact(5), written(&ids, "a-1", 3)), // other place
+            (ExpectedVersion::NoStream, written(&ids, "a-1", 3)),
+            (ExpectedVersion::Any, written(&ids, "b-1", 0)), // other stream
+        ];
+        for (expected, rows) in cases {
+            let err = resolve_written(&s, expected, &ids, rows).unwrap_err();
+            assert!(matches!(err, Error::DuplicateEvents { .. }), "{expected:?}: {err}");
+        }
+        let mut swapped = written(&ids, "a-1", 0);
+        swapped[0].version = 1;
+        swapped[1].version = 0;
+        assert!(resolve_written(&s, ExpectedVersion::Any, &ids, swapped).is_err());
+    }
+}

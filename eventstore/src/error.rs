@@ -1,0 +1,143 @@
+//! The one error type of the event store.
+
+use uuid::Uuid;
+
+use crate::{ExpectedVersion, StreamName};
+
+/// A boxed error from a lower layer (the database driver, the JSON encoder).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with the event store's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when talking to an event store.
+///
+/// Errors about the caller's input ([`InvalidStreamName`](Error::InvalidStreamName),
+/// [`InvalidEventType`](Error::InvalidEventType), [`EventTooLarge`](Error::EventTooLarge),
+/// [`EmptyBatch`](Error::EmptyBatch), [`DuplicateEventInBatch`](Error::DuplicateEventInBatch)) are
+/// detected before anything is written. Rejected appends never write part of a batch.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A stream name broke the naming rules.
+    #[error("invalid stream name {name:?}: {reason}")]
+    InvalidStreamName {
+        /// The rejected name (shortened to 300 bytes if it was longer).
+        name: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+
+    /// An event type name broke the naming rules.
+    #[error("invalid event type {event_type:?}: {reason}")]
+    InvalidEventType {
+        /// The rejected event type (shortened to 300 bytes if it was longer).
+        event_type: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+
+    /// An event's encoded size (type, data and metadata) is above the store's limit.
+    #[error("event {event_id} is {size} bytes, above the limit of {max} bytes")]
+    EventTooLarge {
+        /// The event's id.
+        event_id: Uuid,
+        /// Its encoded size in bytes.
+        size: usize,
+        /// The store's limit in bytes.
+        max: usize,
+    },
+
+    /// An append carried no events.
+    #[error("an append needs at least one event")]
+    EmptyBatch,
+
+    /// The same event id appears twice in one batch.
+    #[error("event id {event_id} appears more than once in the batch")]
+    DuplicateEventInBatch {
+        /// The repeated id.
+        event_id: Uuid,
+    },
+
+    /// The stream was not at the version the append expected (optimistic concurrency).
+    ///
+    /// Reload the stream, decide again and retry; see [`Error::is_conflict`].
+    #[error("conflict on stream {stream}: expected {expected}, but {}", match actual {
+        Some(v) => format!("the stream is at version {v}"),
+        None => "the stream does not exist".to_owned(),
+    })]
+    Conflict {
+        /// The stream appended to.
+        stream: StreamName,
+        /// What the append expected.
+        expected: ExpectedVersion,
+        /// The stream's version when the append was tried (`None`: no such stream).
+        actual: Option<u64>,
+    },
+
+    /// Some of the batch's event ids were already written, but not as this same batch at this
+    /// place, so the append is neither new nor an idempotent retry.
+    #[error("stream {stream}: event ids {event_ids:?} were already written elsewhere or as part of another batch")]
+    DuplicateEvents {
+        /// The stream appended to.
+        stream: StreamName,
+        /// The ids of the batch that were already written.
+        event_ids: Vec<Uuid>,
+    },
+
+    /// A stored event could not be decoded (corrupt or foreign data in the store's tables).
+    #[error("stored event at {location} is invalid: {reason}")]
+    Corrupt {
+        /// Where the bad row is.
+        location: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Event data or metadata could not be encoded as JSON (a map with non-string keys, for
+    /// example). Nothing was written.
+    #[error("event data cannot be encoded as JSON")]
+    Encode(#[source] BoxError),
+
+    /// The store was closed; nothing more can be done with it.
+    #[error("the event store is closed")]
+    Closed,
+
+    /// The database failed (connection lost, timeout, disk full, ...).
+    #[error("database error")]
+    Backend(#[source] BoxError),
+}
+
+impl Error {
+    /// `true` for an optimistic-concurrency [`Conflict`](Error::Conflict): reload and retry.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
+    }
+
+    pub(crate) fn backend(source: impl Into<BoxError>) -> Self {
+        Error::Backend(source.into())
+    }
+}
+
+/// Shortens user input kept in an error so a huge bad value does not make a huge error.
+pub(crate) fn truncated(value: &str) -> String {
+    const MAX: usize = 300;
+    if value.len() <= MAX {
+        return value.to_owned();
+    }
+    let mut end = MAX;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &value[..end])
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl From<sqlx::Error> for Error {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::PoolClosed => Error::Closed,
+            other => Error::Backend(Box::new(other)),
+        }
+    }
+}

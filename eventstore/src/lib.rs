@@ -1,0 +1,75 @@
+//! The Annal event store: append-only streams with optimistic concurrency, one gap-free global
+//! order, and subscriptions that catch up and then follow live.
+//!
+//! Most users depend on the `annal` facade crate, which re-exports this one.
+//!
+//! | feature    | backend                                   |
+//! |------------|-------------------------------------------|
+//! | (always)   | [`MemoryEventStore`], for tests           |
+//! | `sqlite`   | [`SqliteEventStore`], embedded            |
+//! | `postgres` | `PgEventStore`, for production            |
+//!
+//! # Example
+//!
+//! Append from a domain service and follow the global log, as a projection would:
+//!
+//! ```
+//! use annal_eventstore::{EventStore, ExpectedVersion, Filter, MemoryEventStore, NewEvent, Position, StreamName};
+//! use futures::StreamExt;
+//! use serde_json::json;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> annal_eventstore::Result<()> {
+//! let store = MemoryEventStore::new();
+//! let account = StreamName::new("account-42")?;
+//! store.append(&account, ExpectedVersion::NoStream, vec![NewEvent::new("Opened", json!({}))]).await?;
+//!
+//! // A stale writer loses: the stream is at version 0, not "no stream".
+//! let stale = store.append(&account, ExpectedVersion::NoStream, vec![NewEvent::new("Opened", json!({}))]).await;
+//! assert!(stale.unwrap_err().is_conflict());
+//!
+//! let mut accounts = store.subscribe(Position::START, Filter::categories(["account"]));
+//! let first = accounts.next().await.expect("a subscription never ends by itself")?;
+//! assert_eq!((first.stream.as_str(), first.version), ("account-42", 0));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The guarantees in plain words are in `docs/concepts.md` and `docs/ordering.md`.
+
+mod append;
+mod error;
+mod event;
+mod filter;
+mod memory;
+mod position;
+mod store;
+mod stream;
+mod subscription;
+mod version;
+
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+#[doc(inline)]
+pub use crate::error::{BoxError, Error, Result};
+#[doc(inline)]
+pub use crate::event::{DEFAULT_MAX_EVENT_SIZE, MAX_EVENT_TYPE_LEN, Metadata, NewEvent, RecordedEvent};
+#[doc(inline)]
+pub use crate::filter::Filter;
+#[doc(inline)]
+pub use crate::memory::MemoryEventStore;
+#[doc(inline)]
+pub use crate::position::{ParsePositionError, Position};
+#[doc(inline)]
+pub use crate::store::{DEFAULT_PAGE_SIZE, Direction, EventStore, Page, ReadStream};
+#[doc(inline)]
+pub use crate::stream::{MAX_STREAM_NAME_LEN, StreamName};
+#[doc(inline)]
+pub use crate::subscription::{Notifier, SubscriptionOptions, Wakeup};
+#[doc(inline)]
+pub use crate::version::{AppendResult, ExpectedVersion};
+
+#[cfg(feature = "sqlite")]
+#[doc(inline)]
+pub use crate::sqlite::SqliteEventStore;

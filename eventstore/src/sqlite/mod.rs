@@ -1,0 +1,316 @@
+//! The SQLite backend: embedded, one file, no server.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+use uuid::Uuid;
+
+use crate::append::{Written, first_version, resolve_written};
+use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, decode_json, encode_batch};
+use crate::subscription::{Notifier, Wakeup};
+use crate::{
+    AppendResult, Direction, Error, EventStore, ExpectedVersion, Filter, NewEvent, Page, Position, RecordedEvent,
+    Result, StreamName,
+};
+
+/// Rows per INSERT statement: 9 parameters each stays far below SQLite's variable limit.
+const ROWS_PER_INSERT: usize = 100;
+
+const COLUMNS: &str = "position, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at";
+
+/// An event store in one SQLite file: the embedded default, no server needed.
+///
+/// The file is opened in WAL mode with durable commits (`synchronous = FULL`); appends go
+/// through one writer connection (SQLite has one writer at a time, which also makes its global
+/// order gap-free), reads through a small pool. Subscribers in the same process are woken at
+/// once after each append; other processes sharing the file notice new events at their poll
+/// interval.
+///
+/// Cloning is cheap; clones share the connections.
+///
+/// ```no_run
+/// use annal_eventstore::SqliteEventStore;
+///
+/// # async fn example() -> annal_eventstore::Result<()> {
+/// let store = SqliteEventStore::open("events.db").await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct SqliteEventStore {
+    writer: SqlitePool,
+    readers: SqlitePool,
+    notifier: Notifier,
+    max_event_size: usize,
+}
+
+impl SqliteEventStore {
+    /// Opens (creating if needed) the store in the SQLite file at `path` and brings its schema
+    /// up to date.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if the file cannot be opened or migrated.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let options = SqliteConnectOptions::new().filename(path).create_if_missing(true);
+        Self::open_with(options).await
+    }
+
+    /// Opens the store described by a `sqlite:` URL, such as `sqlite://events.db`.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if the URL is invalid or the file cannot be opened or migrated.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?.create_if_missing(true);
+        Self::open_with(options).await
+    }
+
+    /// Opens the store with explicit connection options. WAL mode, a busy timeout and, unless
+    /// the options set another, `synchronous = FULL` are applied on top.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if the file cannot be opened or migrated.
+    pub async fn open_with(options: SqliteConnectOptions) -> Result<Self> {
+        let options = options
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+        migrator().run(&writer).await.map_err(Error::backend)?;
+        let readers = SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
+        Ok(SqliteEventStore { writer, readers, notifier: Notifier::new(), max_event_size: DEFAULT_MAX_EVENT_SIZE })
+    }
+
+    /// Sets the limit on one event's encoded size (default 1 MiB).
+    pub fn with_max_event_size(mut self, bytes: usize) -> Self {
+        self.max_event_size = bytes;
+        self
+    }
+
+    /// Closes the connections; every later call fails with [`Error::Closed`].
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.readers.close().await;
+    }
+
+    async fn written(&self, ids: &[Uuid]) -> Result<Vec<Written>> {
+        let mut written = Vec::new();
+        for chunk in ids.chunks(ROWS_PER_INSERT * 9) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT event_id, stream, version, position FROM annal_events WHERE event_id IN (",
+            );
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(*id);
+            }
+            q.push(")");
+            for row in q.build().fetch_all(&self.writer).await? {
+                written.push(Written {
+                    id: row.try_get("event_id")?,
+                    stream: row.try_get("stream")?,
+                    version: to_u64(row.try_get("version")?),
+                    position: Position::new(0, to_u64(row.try_get("position")?)),
+                });
+            }
+        }
+        Ok(written)
+    }
+
+    /// After a failed append: an idempotent retry (the original result), a duplicate, or the
+    /// conflict.
+    async fn resolve(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        ids: &[Uuid],
+        conflict: Error,
+    ) -> Result<AppendResult> {
+        match resolve_written(stream, expected, ids, self.written(ids).await?)? {
+            Some(original) => Ok(original),
+            None => Err(conflict),
+        }
+    }
+}
+
+/// The embedded migrations, kept in their own history table so they never mix with an
+/// application's own sqlx migrations in the same database.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("./migrations/sqlite");
+    migrator.dangerous_set_table_name("annal_migrations");
+    migrator
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or_default()
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.is_unique_violation())
+}
+
+fn decode(row: &SqliteRow) -> Result<RecordedEvent> {
+    let position: i64 = row.try_get("position")?;
+    let location = || format!("position {position}");
+    let stream: String = row.try_get("stream")?;
+    let recorded_at: i64 = row.try_get("recorded_at")?;
+    Ok(RecordedEvent {
+        id: row.try_get("event_id")?,
+        stream: StreamName::new(&stream).map_err(|e| Error::Corrupt { location: location(), reason: e.to_string() })?,
+        version: to_u64(row.try_get("version")?),
+        position: Position::new(0, to_u64(position)),
+        event_type: row.try_get("event_type")?,
+        schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?).unwrap_or_default(),
+        data: decode_json(row.try_get("data")?, location)?,
+        metadata: decode_json(row.try_get("metadata")?, location)?,
+        recorded_at: DateTime::from_timestamp_micros(recorded_at).unwrap_or_default(),
+    })
+}
+
+#[async_trait]
+impl EventStore for SqliteEventStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        let encoded = encode_batch(events, self.max_event_size)?;
+        let ids: Vec<Uuid> = encoded.iter().map(|e| e.event.id).collect();
+        // IMMEDIATE takes the write lock now, so the version read below cannot go stale.
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM annal_events WHERE stream = ?")
+            .bind(stream.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+        let current = current.map(to_u64);
+        let first = match first_version(stream, expected, current) {
+            Ok(first) => first,
+            Err(conflict) => {
+                tx.rollback().await?;
+                return self.resolve(stream, expected, &ids, conflict).await;
+            }
+        };
+        let recorded_at = Utc::now().timestamp_micros();
+        let mut positions = Vec::with_capacity(encoded.len());
+        for (chunk_index, chunk) in encoded.chunks(ROWS_PER_INSERT).enumerate() {
+            let base = first + (chunk_index * ROWS_PER_INSERT) as u64;
+            let inserted = insert_chunk(&mut tx, stream, base, chunk, recorded_at).await;
+            match inserted {
+                Ok(mut rows) => {
+                    rows.sort_unstable();
+                    positions.extend(rows.into_iter().map(|(_, position)| Position::new(0, to_u64(position))));
+                }
+                Err(e) if is_unique_violation(&e) => {
+                    tx.rollback().await?;
+                    let conflict = Error::Conflict { stream: stream.clone(), expected, actual: current };
+                    return self.resolve(stream, expected, &ids, conflict).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tx.commit().await?;
+        self.notifier.notify();
+        Ok(AppendResult::new(first + encoded.len() as u64 - 1, positions))
+    }
+
+    async fn read_stream_page(
+        &self,
+        stream: &StreamName,
+        direction: Direction,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
+        let sql = match direction {
+            Direction::Forwards => {
+                "SELECT position, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
+                 FROM annal_events WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?"
+            }
+            Direction::Backwards => {
+                "SELECT position, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
+                 FROM annal_events WHERE stream = ? AND version <= ? ORDER BY version DESC LIMIT ?"
+            }
+        };
+        let rows = sqlx::query(sql)
+            .bind(stream.as_str())
+            .bind(to_i64(from))
+            .bind(to_i64(limit as u64))
+            .fetch_all(&self.readers)
+            .await?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page> {
+        // Read before the page, the head is covered by the page's later snapshot: if the page
+        // is short, the reader has seen everything up to it.
+        let head_before = if filter.is_all() { from } else { self.head().await? };
+        let mut q = QueryBuilder::<Sqlite>::new(format!("SELECT {COLUMNS} FROM annal_events WHERE position > "));
+        q.push_bind(to_i64(from.sequence()));
+        push_in(&mut q, "category", filter.category_list());
+        push_in(&mut q, "event_type", filter.event_type_list());
+        q.push(" ORDER BY position LIMIT ").push_bind(to_i64(limit as u64));
+        let rows = q.build().fetch_all(&self.readers).await?;
+        let events = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
+        let last = events.last().map_or(from, |e| e.position);
+        let next = if events.len() < limit { last.max(head_before) } else { last };
+        Ok(Page::new(events, next))
+    }
+
+    async fn head(&self) -> Result<Position> {
+        let head: Option<i64> =
+            sqlx::query_scalar("SELECT max(position) FROM annal_events").fetch_one(&self.readers).await?;
+        Ok(head.map_or(Position::START, |p| Position::new(0, to_u64(p))))
+    }
+
+    fn wakeup(&self) -> Wakeup {
+        self.notifier.subscribe()
+    }
+}
+
+fn push_in(q: &mut QueryBuilder<Sqlite>, column: &'static str, values: &[String]) {
+    if values.is_empty() {
+        return;
+    }
+    q.push(format_args!(" AND {column} IN ("));
+    let mut list = q.separated(", ");
+    for value in values {
+        list.push_bind(value.clone());
+    }
+    q.push(")");
+}
+
+async fn insert_chunk(
+    tx: &mut sqlx::SqliteConnection,
+    stream: &StreamName,
+    first_version: u64,
+    chunk: &[EncodedEvent],
+    recorded_at: i64,
+) -> Result<Vec<(i64, i64)>, sqlx::Error> {
+    let mut q = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, recorded_at) ",
+    );
+    q.push_values(chunk.iter().enumerate(), |mut row, (i, e)| {
+        row.push_bind(e.event.id)
+            .push_bind(stream.as_str())
+            .push_bind(stream.category())
+            .push_bind(to_i64(first_version + i as u64))
+            .push_bind(e.event.event_type.as_str())
+            .push_bind(i64::from(e.event.schema_version))
+            .push_bind(e.data.as_str())
+            .push_bind(e.metadata.as_str())
+            .push_bind(recorded_at);
+    });
+    q.push(" RETURNING version, position");
+    let rows = q.build().fetch_all(&mut *tx).await?;
+    rows.iter().map(|r| Ok((r.try_get("version")?, r.try_get("position")?))).collect()
+}

@@ -1,0 +1,260 @@
+//! The `EventStore` trait every backend implements.
+
+use async_trait::async_trait;
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
+
+use crate::subscription::{self, SubscriptionOptions, Wakeup};
+use crate::{AppendResult, ExpectedVersion, Filter, NewEvent, Position, RecordedEvent, Result, StreamName};
+
+/// Which way a stream is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Oldest first.
+    Forwards,
+    /// Newest first.
+    Backwards,
+}
+
+/// How to read one stream: direction, first version, and how many events at most.
+///
+/// ```
+/// use annal_eventstore::ReadStream;
+///
+/// let last_ten = ReadStream::backwards().limit(10);
+/// let from_five = ReadStream::forwards().from_version(5);
+/// # let _ = (last_ten, from_five);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReadStream {
+    direction: Direction,
+    from: Option<u64>,
+    limit: Option<usize>,
+    page_size: usize,
+}
+
+impl ReadStream {
+    /// Oldest first, from version 0, everything.
+    pub fn forwards() -> Self {
+        ReadStream { direction: Direction::Forwards, from: None, limit: None, page_size: DEFAULT_PAGE_SIZE }
+    }
+
+    /// Newest first, from the last version, everything.
+    pub fn backwards() -> Self {
+        ReadStream { direction: Direction::Backwards, ..Self::forwards() }
+    }
+
+    /// Starts at `version` (inclusive), going in the read's direction.
+    pub fn from_version(mut self, version: u64) -> Self {
+        self.from = Some(version);
+        self
+    }
+
+    /// Returns at most `limit` events.
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// Fetches this many events per database round trip (default 512, at least 1).
+    pub fn page_size(mut self, page_size: usize) -> Self {
+        self.page_size = page_size.max(1);
+        self
+    }
+
+    /// The direction.
+    pub fn direction(&self) -> Direction {
+        self.direction
+    }
+}
+
+impl Default for ReadStream {
+    fn default() -> Self {
+        Self::forwards()
+    }
+}
+
+/// Events fetched per round trip unless a read says otherwise.
+pub const DEFAULT_PAGE_SIZE: usize = 512;
+
+/// One page of the global log.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Page {
+    /// The events, in global order.
+    pub events: Vec<RecordedEvent>,
+    /// Where the next page starts: the position of the last event, or further when the backend
+    /// also passed over events the filter did not select (so a selective reader's checkpoint
+    /// keeps moving).
+    pub next: Position,
+}
+
+impl Page {
+    /// A page of `events` continuing after `next`.
+    pub fn new(events: Vec<RecordedEvent>, next: Position) -> Self {
+        Page { events, next }
+    }
+}
+
+/// An append-only event store: streams with optimistic concurrency, one gap-free global order,
+/// and subscriptions.
+///
+/// Backends implement the required methods; reads as streams and subscriptions are provided on
+/// top of them. Every backend passes the same conformance suite (`tests/conformance`).
+///
+/// # Examples
+///
+/// ```
+/// use annal_eventstore::{EventStore, ExpectedVersion, MemoryEventStore, NewEvent, ReadStream, StreamName};
+/// use futures::TryStreamExt;
+/// use serde_json::json;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// async fn main() -> annal_eventstore::Result<()> {
+///     let store = MemoryEventStore::new();
+///     let stream = StreamName::new("account-1")?;
+///     let opened = NewEvent::new("Opened", json!({ "owner": "ada" }));
+///     let written = store.append(&stream, ExpectedVersion::NoStream, vec![opened]).await?;
+///     assert_eq!(written.version, 0);
+///
+///     let deposit = NewEvent::new("Deposited", json!({ "amount": 10 }));
+///     store.append(&stream, ExpectedVersion::Exact(0), vec![deposit]).await?;
+///
+///     let events: Vec<_> = store.read_stream(&stream, ReadStream::forwards()).try_collect().await?;
+///     assert_eq!(events.len(), 2);
+///     Ok(())
+/// }
+/// ```
+#[async_trait]
+pub trait EventStore: Send + Sync {
+    /// Appends `events` to `stream` atomically (all or none), if the stream is at `expected`.
+    ///
+    /// Every event gets the next version of the stream and a place in the global order.
+    /// Appending a batch whose ids were all already written, as that same batch at a place
+    /// consistent with `expected`, is an idempotent retry: it returns the original result and
+    /// writes nothing.
+    ///
+    /// # Errors
+    /// - [`Error::Conflict`](crate::Error::Conflict) when the stream is not at `expected`;
+    /// - [`Error::DuplicateEvents`](crate::Error::DuplicateEvents) when some ids were already
+    ///   written but this is not a retry of the same batch;
+    /// - [`Error::EmptyBatch`](crate::Error::EmptyBatch),
+    ///   [`Error::InvalidEventType`](crate::Error::InvalidEventType),
+    ///   [`Error::EventTooLarge`](crate::Error::EventTooLarge),
+    ///   [`Error::DuplicateEventInBatch`](crate::Error::DuplicateEventInBatch) for bad input;
+    /// - [`Error::Closed`](crate::Error::Closed), [`Error::Backend`](crate::Error::Backend).
+    ///
+    /// In every error case nothing was written.
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult>;
+
+    /// Reads at most `limit` events of `stream` from version `from` (inclusive) in `direction`.
+    /// A stream that does not exist reads as empty.
+    ///
+    /// Most callers want [`EventStore::read_stream`], which pages through this.
+    async fn read_stream_page(
+        &self,
+        stream: &StreamName,
+        direction: Direction,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>>;
+
+    /// Reads at most `limit` events of the global log that come after `from` and match
+    /// `filter`, in global order.
+    ///
+    /// The page never has a hole: no event will later appear between `from` and the page's
+    /// `next` position (on PostgreSQL, events of transactions still open are not returned until
+    /// every earlier transaction has finished; see `docs/ordering.md`).
+    async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page>;
+
+    /// The position of the last event visible in the global order ([`Position::START`] if the
+    /// store is empty).
+    async fn head(&self) -> Result<Position>;
+
+    /// The stream's current version (`None` if it does not exist).
+    async fn stream_version(&self, stream: &StreamName) -> Result<Option<u64>> {
+        let last = self.read_stream_page(stream, Direction::Backwards, u64::MAX, 1).await?;
+        Ok(last.first().map(|e| e.version))
+    }
+
+    /// A wake-up that fires (coalesced) after events may have been committed, so subscribers
+    /// poll at once instead of waiting for their poll interval.
+    fn wakeup(&self) -> Wakeup;
+
+    /// Reads one stream as a stream of events, fetching a page at a time.
+    fn read_stream<'a>(&'a self, stream: &'a StreamName, read: ReadStream) -> BoxStream<'a, Result<RecordedEvent>> {
+        let from = read.from.unwrap_or(match read.direction {
+            Direction::Forwards => 0,
+            Direction::Backwards => u64::MAX,
+        });
+        let state = (Some(from), read.limit.unwrap_or(usize::MAX));
+        stream::try_unfold(state, move |(from, remaining)| async move {
+            let Some(from) = from.filter(|_| remaining > 0) else { return Ok::<_, crate::Error>(None) };
+            let want = remaining.min(read.page_size);
+            let page = self.read_stream_page(stream, read.direction, from, want).await?;
+            let next = if page.len() < want {
+                None
+            } else {
+                page.last().and_then(|last| match read.direction {
+                    Direction::Forwards => last.version.checked_add(1),
+                    Direction::Backwards => last.version.checked_sub(1),
+                })
+            };
+            let remaining = remaining - page.len();
+            Ok(Some((stream::iter(page.into_iter().map(Ok)), (next, remaining))))
+        })
+        .try_flatten()
+        .boxed()
+    }
+
+    /// Reads the global log after `from`, filtered, up to the head as it was when the read began.
+    fn read_all<'a>(&'a self, from: Position, filter: Filter) -> BoxStream<'a, Result<RecordedEvent>> {
+        let state = (from, None::<Position>, false);
+        stream::try_unfold(state, move |(from, head, done)| {
+            let filter = filter.clone();
+            async move {
+                if done {
+                    return Ok::<_, crate::Error>(None);
+                }
+                let head = match head {
+                    Some(head) => head,
+                    None => self.head().await?,
+                };
+                if from >= head {
+                    return Ok::<_, crate::Error>(None);
+                }
+                let page = self.read_all_page(from, &filter, DEFAULT_PAGE_SIZE).await?;
+                let done = page.events.is_empty() || page.next >= head;
+                let events: Vec<_> = page.events.into_iter().filter(|e| e.position <= head).map(Ok).collect();
+                Ok(Some((stream::iter(events), (page.next, Some(head), done))))
+            }
+        })
+        .try_flatten()
+        .boxed()
+    }
+
+    /// Follows the global log: every event after `from` that matches `filter`, in global order,
+    /// first catching up in pages and then live, forever.
+    ///
+    /// Pull-based: a page is fetched only when the consumer has taken the previous one, so a
+    /// slow consumer slows its own subscription and nothing else. Between pages it waits for a
+    /// [wake-up](EventStore::wakeup) or its poll interval. Errors are yielded as items and the
+    /// subscription carries on after a back-off; [`Error::Closed`](crate::Error::Closed) ends it.
+    fn subscribe<'a>(&'a self, from: Position, filter: Filter) -> BoxStream<'a, Result<RecordedEvent>> {
+        self.subscribe_with(from, filter, SubscriptionOptions::default())
+    }
+
+    /// [`EventStore::subscribe`] with explicit page size and intervals.
+    fn subscribe_with<'a>(
+        &'a self,
+        from: Position,
+        filter: Filter,
+        options: SubscriptionOptions,
+    ) -> BoxStream<'a, Result<RecordedEvent>> {
+        subscription::follow(self, from, filter, options)
+    }
+}

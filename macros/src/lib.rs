@@ -1,0 +1,1 @@
+//! Derive macros for Annal: `#[derive(Event)]` and `#[derive(Aggregate)]` (being built).

@@ -1,0 +1,49 @@
+//! # Annal
+//!
+//! Event sourcing and CQRS for Rust: an append-only event store with optimistic concurrency and
+//! idempotent appends, one gap-free global order, and subscriptions that catch up and then
+//! follow live, on PostgreSQL (production), SQLite (embedded, the default) or memory (tests).
+//!
+//! | feature       | default | what it adds                                             |
+//! |---------------|---------|----------------------------------------------------------|
+//! | `sqlite`      | yes     | [`SqliteEventStore`], the embedded backend              |
+//! | `postgres`    |         | `PgEventStore`, the production backend                   |
+//! | `projections` |         | the [`projections`] crate                                |
+//! | `derive`      |         | `#[derive(Event)]`, `#[derive(Aggregate)]`               |
+//!
+//! # Example
+//!
+//! ```
+//! use annal::{EventStore, ExpectedVersion, MemoryEventStore, NewEvent, ReadStream, StreamName};
+//! use futures::TryStreamExt;
+//! use serde_json::json;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> annal::Result<()> {
+//! let store = MemoryEventStore::new();
+//! let cart = StreamName::new("cart-7")?;
+//! let written = store
+//!     .append(&cart, ExpectedVersion::NoStream, vec![NewEvent::new("ItemAdded", json!({ "sku": "A1" }))])
+//!     .await?;
+//! store
+//!     .append(&cart, ExpectedVersion::Exact(written.version), vec![NewEvent::new("CheckedOut", json!({}))])
+//!     .await?;
+//! let types: Vec<String> = store.read_stream(&cart, ReadStream::forwards()).map_ok(|e| e.event_type).try_collect().await?;
+//! assert_eq!(types, ["ItemAdded", "CheckedOut"]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Concepts and guarantees: `docs/concepts.md`; the global order on PostgreSQL:
+//! `docs/ordering.md`.
+
+#[doc(inline)]
+pub use annal_eventstore::*;
+
+#[cfg(feature = "projections")]
+#[doc(inline)]
+pub use annal_projections as projections;
+
+/// The derive macros (`#[derive(Event)]`, `#[derive(Aggregate)]`; being built).
+#[cfg(feature = "derive")]
+pub use annal_macros as macros;
