@@ -7,7 +7,7 @@
 //! | feature       | default | what it adds                                             |
 //! |---------------|---------|----------------------------------------------------------|
 //! | `sqlite`      | yes     | [`SqliteEventStore`], the embedded backend              |
-//! | `postgres`    |         | `PgEventStore`, the production backend                   |
+//! | `postgres`    |         | [`PgEventStore`], the production backend                 |
 //! | `projections` |         | the [`projections`] crate                                |
 //! | `derive`      |         | `#[derive(Event)]`, `#[derive(Aggregate)]`               |
 //!

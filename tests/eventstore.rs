@@ -1,6 +1,7 @@
 //! The event store conformance suite, run against every backend compiled in.
 
 mod conformance;
+mod support;
 
 mod memory {
     crate::conformance::suite!(async { (annal::MemoryEventStore::new(), ()) });
@@ -17,4 +18,9 @@ mod sqlite {
     }
 
     crate::conformance::suite!(store());
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    crate::conformance::suite!(async { (crate::support::pg::fresh_store().await, ()) });
 }

@@ -48,6 +48,17 @@ pub enum Error {
         max: usize,
     },
 
+    /// An event's data or metadata holds something the store cannot keep faithfully: a NUL
+    /// character (`\u0000`) in a string or key, which PostgreSQL's `jsonb` rejects. Every
+    /// backend refuses it, so events can move between backends.
+    #[error("event {event_id}: {reason}")]
+    UnsupportedData {
+        /// The event's id.
+        event_id: Uuid,
+        /// What is unsupported.
+        reason: &'static str,
+    },
+
     /// An append carried no events.
     #[error("an append needs at least one event")]
     EmptyBatch,

@@ -189,6 +189,12 @@ pub(crate) fn encode_batch(events: Vec<NewEvent>, max_event_size: usize) -> Resu
             if !seen.insert(event.id) {
                 return Err(Error::DuplicateEventInBatch { event_id: event.id });
             }
+            if has_nul(&event.data) || event.metadata.extra.iter().any(|(k, v)| k.contains('\0') || has_nul(v)) {
+                return Err(Error::UnsupportedData {
+                    event_id: event.id,
+                    reason: "JSON strings cannot contain NUL (\\u0000) characters",
+                });
+            }
             let data = encode_json(&event.data)?;
             let metadata = encode_json(&event.metadata)?;
             let size = event.event_type.len() + data.len() + metadata.len();
@@ -198,6 +204,15 @@ pub(crate) fn encode_batch(events: Vec<NewEvent>, max_event_size: usize) -> Resu
             Ok(EncodedEvent { event, data, metadata })
         })
         .collect()
+}
+
+fn has_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
 }
 
 fn encode_json(value: &impl Serialize) -> Result<String> {
@@ -250,6 +265,10 @@ mod tests {
         let e = NewEvent::new("T", json!(1));
         let dup = e.clone();
         assert!(matches!(encode_batch(vec![e, dup], 100), Err(Error::DuplicateEventInBatch { .. })));
+        let e = NewEvent::new("T", json!({ "deep": [{ "k": "a\u{0}b" }] }));
+        assert!(matches!(encode_batch(vec![e], 100), Err(Error::UnsupportedData { .. })));
+        let e = NewEvent::new("T", json!({})).with_metadata(Metadata::default().with("k\u{0}", 1));
+        assert!(matches!(encode_batch(vec![e], 100), Err(Error::UnsupportedData { .. })));
         let ok = encode_batch(vec![NewEvent::new("T", json!({"a": 1}))], 100).unwrap();
         assert_eq!(ok[0].data, r#"{"a":1}"#);
         assert_eq!(ok[0].metadata, "{}");

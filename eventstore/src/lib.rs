@@ -7,7 +7,7 @@
 //! |------------|-------------------------------------------|
 //! | (always)   | [`MemoryEventStore`], for tests           |
 //! | `sqlite`   | [`SqliteEventStore`], embedded            |
-//! | `postgres` | `PgEventStore`, for production            |
+//! | `postgres` | [`PgEventStore`], for production          |
 //!
 //! # Example
 //!
@@ -48,6 +48,8 @@ mod stream;
 mod subscription;
 mod version;
 
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -70,6 +72,9 @@ pub use crate::subscription::{Notifier, SubscriptionOptions, Wakeup};
 #[doc(inline)]
 pub use crate::version::{AppendResult, ExpectedVersion};
 
+#[cfg(feature = "postgres")]
+#[doc(inline)]
+pub use crate::postgres::{PgEventStore, PgTransaction};
 #[cfg(feature = "sqlite")]
 #[doc(inline)]
 pub use crate::sqlite::SqliteEventStore;

@@ -1,0 +1,436 @@
+//! The PostgreSQL backend, for production.
+
+mod notify;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{Connection, Row};
+use uuid::Uuid;
+
+use crate::append::{Written, resolve_written};
+use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, encode_batch};
+use crate::subscription::{Notifier, Wakeup};
+use crate::{
+    AppendResult, Direction, Error, EventStore, ExpectedVersion, Filter, Metadata, NewEvent, Page, Position,
+    RecordedEvent, Result, StreamName,
+};
+
+use notify::Announcer;
+
+/// How often an `Any` append retries when a concurrent writer takes the version it computed.
+const ANY_RETRIES: usize = 50;
+
+/// An event store in PostgreSQL (13 or later), for production.
+///
+/// Appends are one statement each, with the optimistic-concurrency check and idempotency done
+/// by unique keys, so writers never wait on each other (no table lock, no advisory lock, no
+/// `$all` row). The global order is made gap-free by transaction ids: see `docs/ordering.md`,
+/// including what a long-running transaction does to subscribers.
+///
+/// Subscribers in this process are woken directly after an append; other processes are woken
+/// by one coalesced `NOTIFY` per process, sent after commit outside the append's transaction.
+///
+/// Cloning is cheap; clones share the pool and the background tasks, which stop when the last
+/// clone is dropped.
+///
+/// ```no_run
+/// use annal_eventstore::PgEventStore;
+///
+/// # async fn example() -> annal_eventstore::Result<()> {
+/// let store = PgEventStore::connect("postgres://localhost/app").await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PgEventStore {
+    pool: PgPool,
+    notifier: Notifier,
+    announcer: Arc<Announcer>,
+    max_event_size: usize,
+}
+
+impl PgEventStore {
+    /// Connects to the database at `url` (a pool of 10 connections) and brings the schema up to
+    /// date.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if the database cannot be reached or migrated.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::from_pool(PgPoolOptions::new().max_connections(10).connect(url).await?).await
+    }
+
+    /// Uses an existing pool, bringing the schema up to date first. The tables are created in
+    /// the first schema of the connections' `search_path`.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if the database cannot be migrated; [`Error::Corrupt`] if the stored
+    /// transaction ids are ahead of the server's (a restore into a new cluster, see
+    /// `docs/ordering.md`).
+    pub async fn from_pool(pool: PgPool) -> Result<Self> {
+        Self::migrate(&pool).await?;
+        check_transaction_ids(&pool).await?;
+        let notifier = Notifier::new();
+        let announcer = Arc::new(Announcer::start(pool.clone(), notifier.clone()));
+        Ok(PgEventStore { pool, notifier, announcer, max_event_size: DEFAULT_MAX_EVENT_SIZE })
+    }
+
+    /// Creates or upgrades the store's tables. Safe to run concurrently and repeatedly.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if a migration fails.
+    pub async fn migrate(pool: &PgPool) -> Result<()> {
+        let mut migrator = sqlx::migrate!("./migrations/postgres");
+        // A history table of our own, so the store's migrations never mix with the
+        // application's sqlx migrations in the same database.
+        migrator.dangerous_set_table_name("annal_migrations");
+        migrator.run(pool).await.map_err(Error::backend)
+    }
+
+    /// Sets the limit on one event's encoded size (default 1 MiB).
+    pub fn with_max_event_size(mut self, bytes: usize) -> Self {
+        self.max_event_size = bytes;
+        self
+    }
+
+    /// The connection pool, for the application's own queries.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Starts a transaction in which appends and the caller's own statements commit or roll
+    /// back together (an outbox, a read model updated with the events that caused it).
+    ///
+    /// # Errors
+    /// [`Error::Closed`], [`Error::Backend`].
+    pub async fn begin(&self) -> Result<PgTransaction<'_>> {
+        Ok(PgTransaction { store: self, tx: self.pool.begin().await? })
+    }
+
+    /// Closes the pool; every later call fails with [`Error::Closed`].
+    pub async fn close(&self) {
+        self.announcer.stop();
+        self.pool.close().await;
+    }
+
+    fn committed(&self) {
+        self.notifier.notify();
+        self.announcer.announce();
+    }
+}
+
+/// A PostgreSQL transaction that can append events; see [`PgEventStore::begin`].
+///
+/// Dropping it without [`commit`](PgTransaction::commit) rolls it back. While it is open, the
+/// events it appended are invisible to readers, and so are events of transactions that started
+/// after it (the global order never skips one); keep it short.
+#[derive(Debug)]
+pub struct PgTransaction<'s> {
+    store: &'s PgEventStore,
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+}
+
+impl PgTransaction<'_> {
+    /// Appends as [`EventStore::append`] does, inside this transaction. A failed append (a
+    /// conflict, for example) is rolled back to before it and leaves the transaction usable.
+    ///
+    /// # Errors
+    /// As [`EventStore::append`].
+    pub async fn append(
+        &mut self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        let encoded = encode_batch(events, self.store.max_event_size)?;
+        append_on(&mut self.tx, true, stream, expected, &encoded).await
+    }
+
+    /// The connection, for the caller's own statements in this transaction.
+    pub fn connection(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// Commits, then wakes subscribers.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if the commit fails (nothing was written).
+    pub async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        self.store.committed();
+        Ok(())
+    }
+
+    /// Rolls back everything done in the transaction.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if the connection failed (the server rolls back anyway).
+    pub async fn rollback(self) -> Result<()> {
+        Ok(self.tx.rollback().await?)
+    }
+}
+
+async fn check_transaction_ids(pool: &PgPool) -> Result<()> {
+    let ahead: bool = sqlx::query_scalar(
+        "SELECT coalesce(max(tx_id), 0) >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint FROM annal_events",
+    )
+    .fetch_one(pool)
+    .await?;
+    if ahead {
+        return Err(Error::Corrupt {
+            location: "annal_events.tx_id".into(),
+            reason: "stored transaction ids are ahead of the server's, as after a restore into a new cluster; \
+                     appending now would break the global order. Advance the server's transaction id epoch \
+                     (docs/ordering.md) before using this store."
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// The append statement for each expectation. Versions are `base + n`, where `n` counts the
+/// batch from 1; the guards make a statement insert nothing when the expectation fails in a way
+/// no unique key catches (the stream is shorter than expected, or missing).
+const APPEND_EXACT: &str = "\
+    INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata) \
+    SELECT e.id, $1, $2, $8 + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb \
+    FROM unnest($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[]) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) \
+    WHERE $8 < 0 OR EXISTS (SELECT 1 FROM annal_events WHERE stream = $1 AND version = $8) \
+    ORDER BY e.n \
+    RETURNING version, tx_id, seq";
+
+const APPEND_AT_END: &str = "\
+    WITH cur AS (SELECT max(version) AS v FROM annal_events WHERE stream = $1) \
+    INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata) \
+    SELECT e.id, $1, $2, coalesce(cur.v, -1) + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb \
+    FROM cur, unnest($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[]) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) \
+    WHERE NOT $8 OR cur.v IS NOT NULL \
+    ORDER BY e.n \
+    RETURNING version, tx_id, seq";
+
+async fn try_insert(
+    conn: &mut PgConnection,
+    stream: &StreamName,
+    expected: ExpectedVersion,
+    batch: &[EncodedEvent],
+) -> Result<Vec<(i64, Position)>, sqlx::Error> {
+    let (sql, base) = match expected {
+        ExpectedVersion::Exact(v) => (APPEND_EXACT, Some(to_i64(v))),
+        ExpectedVersion::NoStream => (APPEND_EXACT, Some(-1)),
+        ExpectedVersion::Any | ExpectedVersion::StreamExists => (APPEND_AT_END, None),
+    };
+    let query = sqlx::query(sql)
+        .bind(stream.as_str())
+        .bind(stream.category())
+        .bind(batch.iter().map(|e| e.event.id).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.event.event_type.as_str()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.event.schema_version as i32).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.data.as_str()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.metadata.as_str()).collect::<Vec<_>>());
+    let query = match base {
+        Some(base) => query.bind(base),
+        None => query.bind(expected == ExpectedVersion::StreamExists),
+    };
+    let rows = query.fetch_all(&mut *conn).await?;
+    let mut rows = rows
+        .iter()
+        .map(|r| Ok((r.try_get::<i64, _>(0)?, position(r.try_get(1)?, r.try_get(2)?))))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    rows.sort_unstable_by_key(|(version, _)| *version);
+    Ok(rows)
+}
+
+/// Appends on `conn`: one statement on the fast path; the unique keys or the guard reject what
+/// the expectation forbids, and only then is the store asked what happened.
+async fn append_on(
+    conn: &mut PgConnection,
+    in_transaction: bool,
+    stream: &StreamName,
+    expected: ExpectedVersion,
+    batch: &[EncodedEvent],
+) -> Result<AppendResult> {
+    for _ in 0..ANY_RETRIES {
+        let attempt = if in_transaction {
+            // A savepoint keeps the caller's transaction usable after a rejected append.
+            let mut savepoint = conn.begin().await?;
+            let attempt = try_insert(&mut savepoint, stream, expected, batch).await;
+            if attempt.is_ok() {
+                savepoint.commit().await?;
+            } else {
+                savepoint.rollback().await?;
+            }
+            attempt
+        } else {
+            try_insert(conn, stream, expected, batch).await
+        };
+        match attempt {
+            Ok(rows) if rows.len() == batch.len() => {
+                let version = rows.last().map_or(0, |(v, _)| to_u64(*v));
+                return Ok(AppendResult::new(version, rows.into_iter().map(|(_, p)| p).collect()));
+            }
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Rejected: an idempotent retry, a duplicate, or a version conflict.
+        let ids: Vec<Uuid> = batch.iter().map(|e| e.event.id).collect();
+        if let Some(original) = resolve_written(stream, expected, &ids, written(conn, &ids).await?)? {
+            return Ok(original);
+        }
+        if expected != ExpectedVersion::Any {
+            let actual = stream_version(conn, stream).await?;
+            return Err(Error::Conflict { stream: stream.clone(), expected, actual });
+        }
+        // `Any` lost a race for the next version to a concurrent writer: try again.
+    }
+    let actual = stream_version(conn, stream).await?;
+    Err(Error::Conflict { stream: stream.clone(), expected, actual })
+}
+
+async fn written(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Written>> {
+    let rows = sqlx::query("SELECT event_id, stream, version, tx_id, seq FROM annal_events WHERE event_id = ANY($1)")
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Written {
+                id: r.try_get(0)?,
+                stream: r.try_get(1)?,
+                version: to_u64(r.try_get(2)?),
+                position: position(r.try_get(3)?, r.try_get(4)?),
+            })
+        })
+        .collect()
+}
+
+async fn stream_version(conn: &mut PgConnection, stream: &StreamName) -> Result<Option<u64>> {
+    let v: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM annal_events WHERE stream = $1")
+        .bind(stream.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(v.map(to_u64))
+}
+
+fn position(tx_id: i64, seq: i64) -> Position {
+    Position::new(to_u64(tx_id), to_u64(seq))
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or_default()
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn decode(row: &PgRow) -> Result<RecordedEvent> {
+    let (tx_id, seq): (i64, i64) = (row.try_get("tx_id")?, row.try_get("seq")?);
+    let corrupt = |reason: String| Error::Corrupt { location: format!("position {tx_id}/{seq}"), reason };
+    let stream: String = row.try_get("stream")?;
+    let Json(metadata): Json<Metadata> = row.try_get("metadata")?;
+    Ok(RecordedEvent {
+        id: row.try_get("event_id")?,
+        stream: StreamName::new(&stream).map_err(|e| corrupt(e.to_string()))?,
+        version: to_u64(row.try_get("version")?),
+        position: position(tx_id, seq),
+        event_type: row.try_get("event_type")?,
+        schema_version: u32::try_from(row.try_get::<i32, _>("schema_version")?)
+            .map_err(|_| corrupt("negative schema version".into()))?,
+        data: row.try_get("data")?,
+        metadata,
+        recorded_at: row.try_get::<DateTime<Utc>, _>("recorded_at")?,
+    })
+}
+
+const SELECT_EVENTS: &str = "SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at FROM annal_events";
+
+/// The oldest transaction id still running: every event below it is committed or rolled back,
+/// and no event will ever appear below it again.
+const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+
+#[async_trait]
+impl EventStore for PgEventStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        let encoded = encode_batch(events, self.max_event_size)?;
+        let mut conn = self.pool.acquire().await?;
+        let result = append_on(&mut conn, false, stream, expected, &encoded).await?;
+        self.committed();
+        Ok(result)
+    }
+
+    async fn read_stream_page(
+        &self,
+        stream: &StreamName,
+        direction: Direction,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
+        const FORWARDS: &str = "SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
+            FROM annal_events WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3";
+        const BACKWARDS: &str = "SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
+            FROM annal_events WHERE stream = $1 AND version <= $2 ORDER BY version DESC LIMIT $3";
+        let sql = match direction {
+            Direction::Forwards => FORWARDS,
+            Direction::Backwards => BACKWARDS,
+        };
+        let rows = sqlx::query(sql)
+            .bind(stream.as_str())
+            .bind(to_i64(from))
+            .bind(to_i64(limit as u64))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page> {
+        // The head read first is below the page's later horizon, so a short page has seen
+        // every selected event up to it: the reader may move there.
+        let head_before = if filter.is_all() { from } else { self.head().await? };
+        let mut sql = format!("{SELECT_EVENTS} WHERE (tx_id, seq) > ($1, $2) AND tx_id < {HORIZON}");
+        let mut parameter = 3;
+        for (column, values) in [("category", filter.category_list()), ("event_type", filter.event_type_list())] {
+            if !values.is_empty() {
+                parameter += 1;
+                sql.push_str(&format!(" AND {column} = ANY(${parameter})"));
+            }
+        }
+        sql.push_str(" ORDER BY tx_id, seq LIMIT $3");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(to_i64(from.transaction()))
+            .bind(to_i64(from.sequence()))
+            .bind(to_i64(limit as u64));
+        for values in [filter.category_list(), filter.event_type_list()] {
+            if !values.is_empty() {
+                query = query.bind(values);
+            }
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        let events = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
+        let last = events.last().map_or(from, |e| e.position);
+        let next = if events.len() < limit { last.max(head_before) } else { last };
+        Ok(Page::new(events, next))
+    }
+
+    async fn head(&self) -> Result<Position> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT tx_id, seq FROM annal_events WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
+             ORDER BY tx_id DESC, seq DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map_or(Position::START, |(t, s)| position(t, s)))
+    }
+
+    fn wakeup(&self) -> Wakeup {
+        self.notifier.subscribe()
+    }
+}
