@@ -74,7 +74,7 @@ pub use crate::version::{AppendResult, ExpectedVersion};
 
 #[cfg(feature = "postgres")]
 #[doc(inline)]
-pub use crate::postgres::{PgEventStore, PgTransaction};
+pub use crate::postgres::{OpenTransaction, PgEventStore, PgTransaction};
 #[cfg(feature = "sqlite")]
 #[doc(inline)]
 pub use crate::sqlite::SqliteEventStore;

@@ -116,10 +116,47 @@ impl PgEventStore {
         self.pool.close().await;
     }
 
+    /// The oldest transaction in the cluster that holds a transaction id, if any: the one that
+    /// decides how far subscribers can read (see `docs/ordering.md`). An operator whose
+    /// subscribers stall looks here first; alert when its age grows.
+    ///
+    /// # Errors
+    /// [`Error::Closed`], [`Error::Backend`].
+    pub async fn oldest_open_transaction(&self) -> Result<Option<OpenTransaction>> {
+        let row: Option<(i32, i64, Option<f64>, Option<String>)> = sqlx::query_as(
+            "SELECT pid, backend_xid::text::bigint, extract(epoch FROM clock_timestamp() - xact_start)::float8, state \
+             FROM pg_stat_activity WHERE backend_xid IS NOT NULL \
+             ORDER BY age(backend_xid) DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(pid, transaction_id, age, state)| OpenTransaction {
+            pid,
+            transaction_id: to_u64(transaction_id),
+            age: std::time::Duration::from_secs_f64(age.unwrap_or_default().max(0.0)),
+            state: state.unwrap_or_default(),
+        }))
+    }
+
     fn committed(&self) {
         self.notifier.notify();
         self.announcer.announce();
     }
+}
+
+/// A transaction holding a transaction id, as [`PgEventStore::oldest_open_transaction`] reports
+/// it.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct OpenTransaction {
+    /// The server process running it (`pg_terminate_backend(pid)` ends it).
+    pub pid: i32,
+    /// Its transaction id; events of later transactions wait for it to end.
+    pub transaction_id: u64,
+    /// How long it has been open.
+    pub age: std::time::Duration,
+    /// Its session state, such as `active` or `idle in transaction`.
+    pub state: String,
 }
 
 /// A PostgreSQL transaction that can append events; see [`PgEventStore::begin`].

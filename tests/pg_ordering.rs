@@ -1,0 +1,234 @@
+//! The global order on PostgreSQL: gap-free under concurrent, slow and rolled-back writers, and
+//! what an open transaction elsewhere in the cluster does to subscribers.
+#![cfg(feature = "postgres")]
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use annal::{EventStore, ExpectedVersion, Filter, NewEvent, PgEventStore, Position, RecordedEvent, StreamName};
+use futures::{StreamExt, TryStreamExt};
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+async fn store(connections: u32) -> PgEventStore {
+    PgEventStore::from_pool(support::pg::fresh_pool(connections).await).await.unwrap()
+}
+
+/// Collects events until one of type `End` arrives.
+async fn collect_until_end(store: PgEventStore) -> Vec<RecordedEvent> {
+    let mut sub = store.subscribe(Position::START, Filter::all());
+    let mut seen = Vec::new();
+    loop {
+        let event = tokio::time::timeout(PATIENCE, sub.next()).await.expect("subscriber stalled").unwrap().unwrap();
+        if event.event_type == "End" {
+            return seen;
+        }
+        seen.push(event);
+    }
+}
+
+enum Style {
+    /// Plain appends through the pool.
+    Quick,
+    /// Append, hold the transaction open for over a second, commit.
+    Slow,
+    /// Append, hold the transaction open a while, roll back.
+    RolledBack,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subscribers_see_every_committed_event_once_in_one_order_despite_slow_and_rolled_back_writers() {
+    const WRITERS: usize = 20;
+    const RUN_FOR: Duration = Duration::from_secs(5);
+    let store = store(WRITERS as u32 + 10).await;
+    let early = tokio::spawn(collect_until_end(store.clone()));
+
+    let committed_so_far = Arc::new(AtomicUsize::new(0));
+    let half_way = Arc::new(Notify::new());
+    let deadline = tokio::time::Instant::now() + RUN_FOR;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (store, counter, half_way) = (store.clone(), committed_so_far.clone(), half_way.clone());
+            let style = match w % 5 {
+                0 => Style::Slow,
+                1 => Style::RolledBack,
+                _ => Style::Quick,
+            };
+            tokio::spawn(async move {
+                let stream = StreamName::from_parts("writer", w).unwrap();
+                let (mut committed, mut rolled_back) = (Vec::new(), Vec::new());
+                let mut version = None;
+                let mut i = 0u64;
+                while tokio::time::Instant::now() < deadline {
+                    i += 1;
+                    let batch: Vec<_> =
+                        (0..1 + i % 3).map(|k| NewEvent::new("Wrote", json!({ "w": w, "i": i, "k": k }))).collect();
+                    let ids: Vec<Uuid> = batch.iter().map(|e| e.id).collect();
+                    let expected = ExpectedVersion::from_current(version);
+                    match style {
+                        Style::Quick => {
+                            version = Some(store.append(&stream, expected, batch).await.unwrap().version);
+                            committed.extend(ids);
+                        }
+                        Style::Slow | Style::RolledBack => {
+                            let mut tx = store.begin().await.unwrap();
+                            let written = tx.append(&stream, expected, batch).await.unwrap();
+                            // Holding the transaction open is the workload here, not synchronisation.
+                            let hold = if matches!(style, Style::Slow) { 1000 + i % 500 } else { 50 + i % 300 };
+                            tokio::time::sleep(Duration::from_millis(hold)).await;
+                            if matches!(style, Style::Slow) {
+                                tx.commit().await.unwrap();
+                                version = Some(written.version);
+                                committed.extend(ids);
+                            } else {
+                                tx.rollback().await.unwrap();
+                                rolled_back.extend(ids);
+                            }
+                        }
+                    }
+                    if counter.fetch_add(1, Ordering::Relaxed) == 400 {
+                        half_way.notify_one();
+                    }
+                }
+                (committed, rolled_back)
+            })
+        })
+        .collect();
+
+    // A second subscriber starts from position 0 while the writers are busy.
+    half_way.notified().await;
+    let late = tokio::spawn(collect_until_end(store.clone()));
+
+    let (mut committed, mut rolled_back) = (HashSet::new(), HashSet::new());
+    for writer in writers {
+        let (c, r) = writer.await.unwrap();
+        committed.extend(c);
+        rolled_back.extend(r);
+    }
+    let end = StreamName::new("end").unwrap();
+    store.append(&end, ExpectedVersion::NoStream, vec![NewEvent::new("End", json!({}))]).await.unwrap();
+    let (early, late) = (early.await.unwrap(), late.await.unwrap());
+
+    eprintln!(
+        "{WRITERS} writers: {} events committed, {} rolled back; early subscriber saw {}, late {}",
+        committed.len(),
+        rolled_back.len(),
+        early.len(),
+        late.len()
+    );
+    assert!(committed.len() > 1000, "the workload was too small to prove anything: {}", committed.len());
+    assert!(!rolled_back.is_empty());
+    for (name, seen) in [("early", &early), ("late", &late)] {
+        let ids: Vec<Uuid> = seen.iter().map(|e| e.id).collect();
+        let unique: HashSet<Uuid> = ids.iter().copied().collect();
+        assert_eq!(unique.len(), ids.len(), "{name}: an event was delivered twice");
+        assert!(unique.is_disjoint(&rolled_back), "{name}: a rolled-back event was delivered");
+        let missed = committed.difference(&unique).count();
+        assert_eq!(missed, 0, "{name}: missed {missed} of {} committed events", committed.len());
+        assert_eq!(unique.len(), committed.len(), "{name}: delivered events nobody committed");
+        assert!(seen.windows(2).all(|w| w[0].position < w[1].position), "{name}: positions not increasing");
+    }
+    assert_eq!(early, late, "the two subscribers saw different orders");
+    let global: Vec<RecordedEvent> = store
+        .read_all(Position::START, Filter::all())
+        .try_filter(|e| futures::future::ready(e.event_type != "End"))
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(global, early, "the global read disagrees with the subscribers");
+    // Every stream's events arrive in version order, with no hole.
+    for w in 0..WRITERS {
+        let name = StreamName::from_parts("writer", w).unwrap();
+        let versions: Vec<u64> = early.iter().filter(|e| e.stream == name).map(|e| e.version).collect();
+        assert!(versions.iter().enumerate().all(|(i, v)| *v == i as u64), "writer {w}: versions {versions:?}");
+    }
+}
+
+async fn next_within(sub: &mut (impl futures::Stream<Item = annal::Result<RecordedEvent>> + Unpin)) -> RecordedEvent {
+    tokio::time::timeout(PATIENCE, sub.next()).await.expect("subscriber stalled").unwrap().unwrap()
+}
+
+async fn connect() -> PgConnection {
+    PgConnection::connect(&support::pg::url()).await.unwrap()
+}
+
+#[tokio::test]
+async fn an_open_transaction_without_a_transaction_id_does_not_stall_subscribers() {
+    let store = store(5).await;
+    let mut reader = connect().await;
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM pg_class;").execute(&mut reader).await.unwrap();
+    let mut sub = store.subscribe(Position::START, Filter::all());
+    let written = store
+        .append(&StreamName::new("a-1").unwrap(), ExpectedVersion::Any, vec![NewEvent::new("E", json!({}))])
+        .await
+        .unwrap();
+    // Delivered while the read-only transaction is still open.
+    assert_eq!(next_within(&mut sub).await.position, written.position());
+    sqlx::raw_sql("COMMIT").execute(&mut reader).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_open_writing_transaction_holds_subscribers_back_until_it_ends() {
+    let store = store(5).await;
+    let mut writer = connect().await;
+    // Any write (here: taking a transaction id) in any database of the cluster, left open.
+    sqlx::raw_sql("BEGIN").execute(&mut writer).await.unwrap();
+    let xid: i64 =
+        sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint").fetch_one(&mut writer).await.unwrap();
+    let mut sub = store.subscribe(Position::START, Filter::all());
+    let written = store
+        .append(&StreamName::new("a-1").unwrap(), ExpectedVersion::Any, vec![NewEvent::new("E", json!({}))])
+        .await
+        .unwrap();
+    // Committed, but not yet in the visible order: the open transaction might still write
+    // events that come before it.
+    assert!(store.head().await.unwrap() < written.position());
+    let mut wakeup = store.wakeup();
+    wakeup.mark_seen();
+    wakeup.wait(Duration::from_millis(200)).await;
+    assert!(store.head().await.unwrap() < written.position(), "an event went past an older open transaction");
+    // Operators can see what holds subscribers back (tests running beside this one may hold
+    // an even older transaction).
+    let oldest = store.oldest_open_transaction().await.unwrap().expect("the open transaction is reported");
+    assert!(oldest.transaction_id <= xid as u64, "{oldest:?} is younger than {xid}");
+    sqlx::raw_sql("COMMIT").execute(&mut writer).await.unwrap();
+    assert_eq!(next_within(&mut sub).await.position, written.position());
+}
+
+#[tokio::test]
+async fn idle_in_transaction_session_timeout_bounds_the_stall() {
+    let store = store(5).await;
+    let mut forgotten = connect().await;
+    sqlx::raw_sql("SET idle_in_transaction_session_timeout = '300ms'; BEGIN; SELECT pg_current_xact_id();")
+        .execute(&mut forgotten)
+        .await
+        .unwrap();
+    let mut sub = store.subscribe(Position::START, Filter::all());
+    let written = store
+        .append(&StreamName::new("a-1").unwrap(), ExpectedVersion::Any, vec![NewEvent::new("E", json!({}))])
+        .await
+        .unwrap();
+    // The server ends the forgotten transaction, and the event is delivered.
+    assert_eq!(next_within(&mut sub).await.position, written.position());
+    assert!(sqlx::query("SELECT 1").execute(&mut forgotten).await.is_err(), "the idle session was not terminated");
+}
+
+#[tokio::test]
+async fn a_closed_store_fails_with_a_typed_error() {
+    let store = store(2).await;
+    store.close().await;
+    let err = store
+        .append(&StreamName::new("a-1").unwrap(), ExpectedVersion::Any, vec![NewEvent::new("E", json!({}))])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, annal::Error::Closed), "{err}");
+    assert!(matches!(store.head().await, Err(annal::Error::Closed)));
+}
