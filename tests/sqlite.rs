@@ -1,0 +1,89 @@
+//! SQLite-specific behaviour: the file outlives the process, several stores (as several
+//! processes would) share one file, and a closed store says so.
+#![cfg(feature = "sqlite")]
+
+use std::time::Duration;
+
+use annal::{
+    Error, EventStore, ExpectedVersion, Filter, NewEvent, Position, ReadStream, SqliteEventStore, StreamName,
+    SubscriptionOptions,
+};
+use futures::{StreamExt, TryStreamExt};
+use serde_json::json;
+
+fn event(n: u64) -> NewEvent {
+    NewEvent::new("Counted", json!({ "n": n }))
+}
+
+#[tokio::test]
+async fn events_survive_closing_and_reopening_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let stream = StreamName::new("counter-1").unwrap();
+    let first = {
+        let store = SqliteEventStore::open(&path).await.unwrap();
+        let written = store.append(&stream, ExpectedVersion::NoStream, (0..3).map(event).collect()).await.unwrap();
+        store.close().await;
+        written
+    };
+    let store = SqliteEventStore::open(&path).await.unwrap();
+    let events: Vec<_> = store.read_stream(&stream, ReadStream::forwards()).try_collect().await.unwrap();
+    assert_eq!(events.iter().map(|e| e.position).collect::<Vec<_>>(), first.positions);
+    // Versions and positions continue where they were.
+    let more = store.append(&stream, ExpectedVersion::Exact(2), vec![event(3)]).await.unwrap();
+    assert_eq!(more.version, 3);
+    assert!(more.position() > first.position());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_sharing_a_file_keep_one_order_and_one_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let a = SqliteEventStore::open(&path).await.unwrap();
+    let b = SqliteEventStore::open(&path).await.unwrap();
+    let stream = StreamName::new("shared-1").unwrap();
+    a.append(&stream, ExpectedVersion::NoStream, vec![event(0)]).await.unwrap();
+    // Both try to append after version 0: exactly one wins.
+    let (ra, rb) = tokio::join!(
+        a.append(&stream, ExpectedVersion::Exact(0), vec![event(1)]),
+        b.append(&stream, ExpectedVersion::Exact(0), vec![event(1)])
+    );
+    assert!(ra.is_ok() != rb.is_ok(), "{ra:?} {rb:?}");
+    assert!(ra.err().or(rb.err()).unwrap().is_conflict());
+    // B's subscriber is not woken by A's appends (another connection, maybe another process),
+    // so it finds them at its poll interval.
+    let options = SubscriptionOptions::default().poll_interval(Duration::from_millis(20));
+    let mut sub = b.subscribe_with(Position::START, Filter::all(), options);
+    let writer = tokio::spawn(async move {
+        for i in 0..50 {
+            a.append(&StreamName::new(format!("other-{i}")).unwrap(), ExpectedVersion::NoStream, vec![event(i)])
+                .await
+                .unwrap();
+        }
+    });
+    let mut last = Position::START;
+    for _ in 0..52 {
+        let e = tokio::time::timeout(Duration::from_secs(30), sub.next()).await.unwrap().unwrap().unwrap();
+        assert!(e.position > last);
+        last = e.position;
+    }
+    writer.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_closed_store_fails_with_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteEventStore::open(dir.path().join("events.db")).await.unwrap();
+    store.close().await;
+    let err = store.append(&StreamName::new("a-1").unwrap(), ExpectedVersion::Any, vec![event(0)]).await.unwrap_err();
+    assert!(matches!(err, Error::Closed), "{err}");
+    assert!(matches!(store.head().await, Err(Error::Closed)));
+}
+
+#[tokio::test]
+async fn a_file_that_cannot_be_opened_is_a_backend_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = SqliteEventStore::open(dir.path().join("missing-dir").join("events.db")).await.unwrap_err();
+    assert!(matches!(err, Error::Backend(_)), "{err}");
+    assert!(SqliteEventStore::connect("postgres://not-sqlite").await.is_err());
+}
