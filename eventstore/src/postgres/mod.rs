@@ -96,6 +96,16 @@ impl PgEventStore {
         self
     }
 
+    /// Whether appends wake subscribers in other processes with a `NOTIFY` (default on).
+    ///
+    /// Turn it off in a process whose appends nobody elsewhere follows live, or who is content
+    /// with their poll interval; subscribers in this process are woken either way, and this
+    /// process still hears other processes' notifications. Applies to every clone.
+    pub fn notify_other_processes(self, on: bool) -> Self {
+        self.announcer.set_enabled(on);
+        self
+    }
+
     /// The connection pool, for the application's own queries.
     pub fn pool(&self) -> &PgPool {
         &self.pool

@@ -8,6 +8,7 @@
 //! latency: subscribers still poll at their safety-net interval.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool};
@@ -26,6 +27,7 @@ const MIN_INTERVAL: Duration = Duration::from_millis(2);
 #[derive(Debug)]
 pub(super) struct Announcer {
     pending: Arc<Notify>,
+    enabled: AtomicBool,
     cancel: CancellationToken,
 }
 
@@ -35,12 +37,19 @@ impl Announcer {
         let cancel = CancellationToken::new();
         tokio::spawn(listen(pool.clone(), notifier, cancel.clone()));
         tokio::spawn(announce(pool, pending.clone(), cancel.clone()));
-        Announcer { pending, cancel }
+        Announcer { pending, enabled: AtomicBool::new(true), cancel }
     }
 
     /// Flags a commit; cheap, never waits. Flags coalesce until the next `NOTIFY`.
     pub(super) fn announce(&self) {
-        self.pending.notify_one();
+        if self.enabled.load(Ordering::Relaxed) {
+            self.pending.notify_one();
+        }
+    }
+
+    /// Turns sending `NOTIFY` on or off; listening goes on either way.
+    pub(super) fn set_enabled(&self, enabled: bool) {
+        self.enabled.store(enabled, Ordering::Relaxed);
     }
 
     pub(super) fn stop(&self) {
