@@ -47,3 +47,21 @@ pub use annal_projections as projections;
 /// The derive macros (`#[derive(Event)]`, `#[derive(Aggregate)]`; being built).
 #[cfg(feature = "derive")]
 pub use annal_macros as macros;
+
+/// Guides from `docs/`, included here so that their code compiles and runs as doctests.
+pub mod guide {
+    /// Concepts and guarantees: streams, versions, positions, expected versions, idempotence,
+    /// reads and subscriptions.
+    #[doc = include_str!("../docs/concepts.md")]
+    pub mod concepts {}
+
+    /// How the global order stays gap-free on PostgreSQL, and what open transactions do to
+    /// subscribers.
+    #[doc = include_str!("../docs/ordering.md")]
+    pub mod ordering {}
+}
+
+/// The README's code, compiled as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

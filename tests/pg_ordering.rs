@@ -232,3 +232,22 @@ async fn a_closed_store_fails_with_a_typed_error() {
     assert!(matches!(err, annal::Error::Closed), "{err}");
     assert!(matches!(store.head().await, Err(annal::Error::Closed)));
 }
+
+#[tokio::test]
+async fn a_store_whose_transaction_ids_are_ahead_of_the_server_refuses_to_start() {
+    // As after a logical restore into a new cluster: stored ids above the server's next one.
+    let pool = support::pg::fresh_pool(2).await;
+    PgEventStore::migrate(&pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO annal_events (tx_id, event_id, stream, category, version, event_type, schema_version, data, metadata) \
+         VALUES (pg_snapshot_xmax(pg_current_snapshot())::text::bigint + 1000000, $1, 'a-1', 'a', 0, 'E', 1, '{}', '{}')",
+    )
+    .bind(Uuid::now_v7())
+    .execute(&pool)
+    .await
+    .unwrap();
+    match PgEventStore::from_pool(pool).await {
+        Err(annal::Error::Corrupt { reason, .. }) => assert!(reason.contains("ahead of the server"), "{reason}"),
+        other => panic!("expected the store to refuse to start, got {:?}", other.map(|_| ())),
+    }
+}

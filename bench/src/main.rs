@@ -163,7 +163,9 @@ async fn main() -> anyhow::Result<()> {
 async fn print_machine(admin: &PgPool) -> anyhow::Result<()> {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(admin).await?;
@@ -183,7 +185,13 @@ async fn schema_pool(admin: &PgPool, url: &str, schema: &str) -> anyhow::Result<
 
 /// Runs `a` and `b` for `rounds` rounds each, alternating which goes first; returns each one's
 /// mean events per second.
-async fn alternate(a: &Target, b: &Target, shape: Shape, duration: Duration, rounds: u32) -> anyhow::Result<(f64, f64)> {
+async fn alternate(
+    a: &Target,
+    b: &Target,
+    shape: Shape,
+    duration: Duration,
+    rounds: u32,
+) -> anyhow::Result<(f64, f64)> {
     let (mut sum_a, mut sum_b) = (0.0, 0.0);
     for round in 0..rounds {
         if round % 2 == 0 {
