@@ -93,6 +93,17 @@ impl Page {
     pub fn new(events: Vec<RecordedEvent>, next: Position) -> Self {
         Page { events, next }
     }
+
+    /// The page a backend read after `from` with `limit`, where `head_before` is a head read
+    /// before the page's query (or `from` when the read was not filtered). A full page
+    /// continues after its last event; a short one has seen every selected event up to
+    /// `head_before` too, so the reader may move past events the filter skipped.
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
+    pub(crate) fn after(from: Position, events: Vec<RecordedEvent>, limit: usize, head_before: Position) -> Self {
+        let last = events.last().map_or(from, |e| e.position);
+        let next = if events.len() < limit { last.max(head_before) } else { last };
+        Page { events, next }
+    }
 }
 
 /// An append-only event store: streams with optimistic concurrency, one gap-free global order,

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::append::{Written, resolve_written};
 use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, encode_batch};
+use crate::sql::{to_i64, to_u64};
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
     AppendResult, Direction, Error, EventStore, ExpectedVersion, Filter, Metadata, NewEvent, Page, Position,
@@ -366,14 +367,6 @@ fn position(tx_id: i64, seq: i64) -> Position {
     Position::new(to_u64(tx_id), to_u64(seq))
 }
 
-fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or_default()
-}
-
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
 fn decode(row: &PgRow) -> Result<RecordedEvent> {
     let (tx_id, seq): (i64, i64) = (row.try_get("tx_id")?, row.try_get("seq")?);
     let corrupt = |reason: String| Error::Corrupt { location: format!("position {tx_id}/{seq}"), reason };
@@ -393,11 +386,21 @@ fn decode(row: &PgRow) -> Result<RecordedEvent> {
     })
 }
 
-const SELECT_EVENTS: &str = "SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at FROM annal_events";
+macro_rules! select_events {
+    () => {
+        "SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
+         FROM annal_events"
+    };
+}
 
 /// The oldest transaction id still running: every event below it is committed or rolled back,
 /// and no event will ever appear below it again.
-const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+macro_rules! horizon {
+    () => {
+        "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+    };
+}
+const HORIZON: &str = horizon!();
 
 #[async_trait]
 impl EventStore for PgEventStore {
@@ -421,10 +424,10 @@ impl EventStore for PgEventStore {
         from: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>> {
-        const FORWARDS: &str = "SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
-            FROM annal_events WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3";
-        const BACKWARDS: &str = "SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
-            FROM annal_events WHERE stream = $1 AND version <= $2 ORDER BY version DESC LIMIT $3";
+        const FORWARDS: &str =
+            concat!(select_events!(), " WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3");
+        const BACKWARDS: &str =
+            concat!(select_events!(), " WHERE stream = $1 AND version <= $2 ORDER BY version DESC LIMIT $3");
         let sql = match direction {
             Direction::Forwards => FORWARDS,
             Direction::Backwards => BACKWARDS,
@@ -442,7 +445,7 @@ impl EventStore for PgEventStore {
         // The head read first is below the page's later horizon, so a short page has seen
         // every selected event up to it: the reader may move there.
         let head_before = if filter.is_all() { from } else { self.head().await? };
-        let mut sql = format!("{SELECT_EVENTS} WHERE (tx_id, seq) > ($1, $2) AND tx_id < {HORIZON}");
+        let mut sql = format!(concat!(select_events!(), " WHERE (tx_id, seq) > ($1, $2) AND tx_id < {}"), HORIZON);
         let mut parameter = 3;
         for (column, values) in [("category", filter.category_list()), ("event_type", filter.event_type_list())] {
             if !values.is_empty() {
@@ -462,16 +465,15 @@ impl EventStore for PgEventStore {
         }
         let rows = query.fetch_all(&self.pool).await?;
         let events = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
-        let last = events.last().map_or(from, |e| e.position);
-        let next = if events.len() < limit { last.max(head_before) } else { last };
-        Ok(Page::new(events, next))
+        Ok(Page::after(from, events, limit, head_before))
     }
 
     async fn head(&self) -> Result<Position> {
-        let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT tx_id, seq FROM annal_events WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint \
-             ORDER BY tx_id DESC, seq DESC LIMIT 1",
-        )
+        let row: Option<(i64, i64)> = sqlx::query_as(concat!(
+            "SELECT tx_id, seq FROM annal_events WHERE tx_id < ",
+            horizon!(),
+            " ORDER BY tx_id DESC, seq DESC LIMIT 1"
+        ))
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map_or(Position::START, |(t, s)| position(t, s)))

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::append::{Written, first_version, resolve_written};
 use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, decode_json, encode_batch};
+use crate::sql::{to_i64, to_u64};
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
     AppendResult, Direction, Error, EventStore, ExpectedVersion, Filter, NewEvent, Page, Position, RecordedEvent,
@@ -23,7 +24,12 @@ use crate::{
 /// Rows per INSERT statement: 9 parameters each stays far below SQLite's variable limit.
 const ROWS_PER_INSERT: usize = 100;
 
-const COLUMNS: &str = "position, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at";
+macro_rules! select_events {
+    () => {
+        "SELECT position, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
+         FROM annal_events"
+    };
+}
 
 /// An event store in one SQLite file: the embedded default, no server needed.
 ///
@@ -147,14 +153,6 @@ fn migrator() -> sqlx::migrate::Migrator {
     migrator
 }
 
-fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or_default()
-}
-
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.is_unique_violation())
 }
@@ -233,12 +231,10 @@ impl EventStore for SqliteEventStore {
     ) -> Result<Vec<RecordedEvent>> {
         let sql = match direction {
             Direction::Forwards => {
-                "SELECT position, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
-                 FROM annal_events WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?"
+                concat!(select_events!(), " WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?")
             }
             Direction::Backwards => {
-                "SELECT position, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
-                 FROM annal_events WHERE stream = ? AND version <= ? ORDER BY version DESC LIMIT ?"
+                concat!(select_events!(), " WHERE stream = ? AND version <= ? ORDER BY version DESC LIMIT ?")
             }
         };
         let rows = sqlx::query(sql)
@@ -254,16 +250,14 @@ impl EventStore for SqliteEventStore {
         // Read before the page, the head is covered by the page's later snapshot: if the page
         // is short, the reader has seen everything up to it.
         let head_before = if filter.is_all() { from } else { self.head().await? };
-        let mut q = QueryBuilder::<Sqlite>::new(format!("SELECT {COLUMNS} FROM annal_events WHERE position > "));
+        let mut q = QueryBuilder::<Sqlite>::new(concat!(select_events!(), " WHERE position > "));
         q.push_bind(to_i64(from.sequence()));
         push_in(&mut q, "category", filter.category_list());
         push_in(&mut q, "event_type", filter.event_type_list());
         q.push(" ORDER BY position LIMIT ").push_bind(to_i64(limit as u64));
         let rows = q.build().fetch_all(&self.readers).await?;
         let events = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
-        let last = events.last().map_or(from, |e| e.position);
-        let next = if events.len() < limit { last.max(head_before) } else { last };
-        Ok(Page::new(events, next))
+        Ok(Page::after(from, events, limit, head_before))
     }
 
     async fn head(&self) -> Result<Position> {
