@@ -110,6 +110,20 @@ pub enum Error {
     #[error("event data cannot be encoded as JSON")]
     Encode(#[source] BoxError),
 
+    /// A stored event (or snapshot) could not be turned into the application's type: an
+    /// unknown event type, a schema version with no upcaster, or a payload of the wrong shape.
+    #[error("cannot decode {what} {event_type:?} at schema version {schema_version}: {reason}")]
+    Decode {
+        /// What was being decoded and where (`event account-7@3`, `snapshot account-7`).
+        what: String,
+        /// The stored event type (or snapshot type).
+        event_type: String,
+        /// The stored schema version.
+        schema_version: u32,
+        /// What went wrong.
+        reason: String,
+    },
+
     /// The store was closed; nothing more can be done with it.
     #[error("the event store is closed")]
     Closed,

@@ -37,6 +37,7 @@
 //!
 //! The guarantees in plain words are in `docs/concepts.md` and `docs/ordering.md`.
 
+mod aggregate;
 mod append;
 mod error;
 mod event;
@@ -54,7 +55,12 @@ mod postgres;
 mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+pub mod testing;
 
+#[doc(inline)]
+pub use crate::aggregate::{
+    Aggregate, CommandError, Committed, Decide, Event, Executed, Loaded, Repository, Snapshot, SnapshotPolicy, replay,
+};
 #[doc(inline)]
 pub use crate::error::{BoxError, Error, Result};
 #[doc(inline)]

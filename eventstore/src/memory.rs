@@ -11,7 +11,7 @@ use crate::event::{DEFAULT_MAX_EVENT_SIZE, encode_batch};
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
     AppendResult, Direction, EventStore, ExpectedVersion, Filter, NewEvent, Page, Position, RecordedEvent, Result,
-    StreamName,
+    Snapshot, StreamName,
 };
 
 /// An event store in memory, with the same guarantees as the database backends (atomic
@@ -40,6 +40,8 @@ struct Log {
     streams: HashMap<StreamName, Vec<usize>>,
     /// Index into `events` of every event id.
     ids: HashMap<uuid::Uuid, usize>,
+    /// The latest snapshot of each stream.
+    snapshots: HashMap<StreamName, Snapshot>,
 }
 
 impl MemoryEventStore {
@@ -162,6 +164,19 @@ impl EventStore for MemoryEventStore {
 
     async fn head(&self) -> Result<Position> {
         Ok(self.read().events.len().checked_sub(1).map_or(Position::START, position_of))
+    }
+
+    async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>> {
+        Ok(self.read().snapshots.get(stream).cloned())
+    }
+
+    async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
+        let mut log = self.write();
+        let newer = |old: &Snapshot| old.version < snapshot.version || old.schema_version != snapshot.schema_version;
+        if log.snapshots.get(stream).is_none_or(newer) {
+            log.snapshots.insert(stream.clone(), snapshot.clone());
+        }
+        Ok(())
     }
 
     fn wakeup(&self) -> Wakeup {

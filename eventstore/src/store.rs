@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 use crate::subscription::{self, SubscriptionOptions, Wakeup};
-use crate::{AppendResult, ExpectedVersion, Filter, NewEvent, Position, RecordedEvent, Result, StreamName};
+use crate::{AppendResult, ExpectedVersion, Filter, NewEvent, Position, RecordedEvent, Result, Snapshot, StreamName};
 
 /// Which way a stream is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -190,6 +190,18 @@ pub trait EventStore: Send + Sync {
     async fn stream_version(&self, stream: &StreamName) -> Result<Option<u64>> {
         let last = self.read_stream_page(stream, Direction::Backwards, u64::MAX, 1).await?;
         Ok(last.first().map(|e| e.version))
+    }
+
+    /// The latest snapshot stored for `stream` (`None` if there is none, or the store does not
+    /// keep snapshots).
+    async fn load_snapshot(&self, _stream: &StreamName) -> Result<Option<Snapshot>> {
+        Ok(None)
+    }
+
+    /// Stores a snapshot of `stream`, replacing an older one (one at a lower version, or of
+    /// another schema version). A store that does not keep snapshots ignores it.
+    async fn save_snapshot(&self, _stream: &StreamName, _snapshot: &Snapshot) -> Result<()> {
+        Ok(())
     }
 
     /// A wake-up that fires (coalesced) after events may have been committed, so subscribers

@@ -28,8 +28,7 @@ pub const MAX_STREAM_NAME_LEN: usize = 255;
 /// assert!(StreamName::new("").is_err());
 /// # Ok::<(), annal_eventstore::Error>(())
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamName(Arc<str>);
 
 impl StreamName {
@@ -126,6 +125,12 @@ impl std::str::FromStr for StreamName {
     type Err = Error;
     fn from_str(name: &str) -> Result<Self> {
         Self::new(name)
+    }
+}
+
+impl Serialize for StreamName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
     }
 }
 

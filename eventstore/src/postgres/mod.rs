@@ -17,7 +17,7 @@ use crate::sql::{to_i64, to_u64};
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
     AppendResult, Direction, Error, EventStore, ExpectedVersion, Filter, Metadata, NewEvent, Page, Position,
-    RecordedEvent, Result, StreamName,
+    RecordedEvent, Result, Snapshot, StreamName,
 };
 
 use notify::Announcer;
@@ -477,6 +477,33 @@ impl EventStore for PgEventStore {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map_or(Position::START, |(t, s)| position(t, s)))
+    }
+
+    async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>> {
+        let row: Option<(i64, i32, serde_json::Value)> =
+            sqlx::query_as("SELECT version, schema_version, state FROM annal_snapshots WHERE stream = $1")
+                .bind(stream.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(version, schema_version, state)| {
+            Snapshot::new(to_u64(version), u32::try_from(schema_version).unwrap_or_default(), state)
+        }))
+    }
+
+    async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO annal_snapshots (stream, version, schema_version, state) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (stream) DO UPDATE SET version = excluded.version, schema_version = excluded.schema_version, \
+                 state = excluded.state, recorded_at = excluded.recorded_at \
+             WHERE annal_snapshots.version < excluded.version OR annal_snapshots.schema_version <> excluded.schema_version",
+        )
+        .bind(stream.as_str())
+        .bind(to_i64(snapshot.version))
+        .bind(i32::try_from(snapshot.schema_version).unwrap_or(i32::MAX))
+        .bind(&snapshot.state)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     fn wakeup(&self) -> Wakeup {

@@ -18,7 +18,7 @@ use crate::sql::{to_i64, to_u64};
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
     AppendResult, Direction, Error, EventStore, ExpectedVersion, Filter, NewEvent, Page, Position, RecordedEvent,
-    Result, StreamName,
+    Result, Snapshot, StreamName,
 };
 
 /// Rows per INSERT statement: 9 parameters each stays far below SQLite's variable limit.
@@ -264,6 +264,37 @@ impl EventStore for SqliteEventStore {
         let head: Option<i64> =
             sqlx::query_scalar("SELECT max(position) FROM annal_events").fetch_one(&self.readers).await?;
         Ok(head.map_or(Position::START, |p| Position::new(0, to_u64(p))))
+    }
+
+    async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>> {
+        let row: Option<(i64, i64, String)> =
+            sqlx::query_as("SELECT version, schema_version, state FROM annal_snapshots WHERE stream = ?")
+                .bind(stream.as_str())
+                .fetch_optional(&self.readers)
+                .await?;
+        row.map(|(version, schema_version, state)| {
+            let state = decode_json(&state, || format!("snapshot of {stream}"))?;
+            Ok(Snapshot::new(to_u64(version), u32::try_from(schema_version).unwrap_or_default(), state))
+        })
+        .transpose()
+    }
+
+    async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
+        let state = serde_json::to_string(&snapshot.state).map_err(|e| Error::Encode(Box::new(e)))?;
+        sqlx::query(
+            "INSERT INTO annal_snapshots (stream, version, schema_version, state, recorded_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (stream) DO UPDATE SET version = excluded.version, schema_version = excluded.schema_version, \
+                 state = excluded.state, recorded_at = excluded.recorded_at \
+             WHERE annal_snapshots.version < excluded.version OR annal_snapshots.schema_version <> excluded.schema_version",
+        )
+        .bind(stream.as_str())
+        .bind(to_i64(snapshot.version))
+        .bind(i64::from(snapshot.schema_version))
+        .bind(state)
+        .bind(Utc::now().timestamp_micros())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
     }
 
     fn wakeup(&self) -> Wakeup {

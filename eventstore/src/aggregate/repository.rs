@@ -1,0 +1,254 @@
+//! The repository: load an aggregate, decide, append with optimistic concurrency, retry on
+//! conflict.
+
+use std::marker::PhantomData;
+
+use futures::TryStreamExt;
+use uuid::Uuid;
+
+use super::{Aggregate, Decide, Event, Snapshot};
+use crate::{Error, EventStore, ExpectedVersion, Metadata, NewEvent, Position, ReadStream, Result, StreamName};
+
+/// An aggregate as loaded: its state and the stream version it reflects.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Loaded<A> {
+    /// The state.
+    pub state: A,
+    /// The version of the last event applied (`None`: the aggregate has no events yet).
+    pub version: Option<u64>,
+}
+
+/// An event a command caused, as committed.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Committed<E> {
+    /// The event.
+    pub event: E,
+    /// Its id in the store.
+    pub id: Uuid,
+    /// Its version in the aggregate's stream.
+    pub version: u64,
+    /// Its place in the global order: wait for a projection to pass it to read your writes.
+    pub position: Position,
+}
+
+/// The outcome of a command that was accepted.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Executed<A: Aggregate> {
+    /// The state after the command's events.
+    pub state: A,
+    /// The stream version after the command (`None` if the aggregate still has no events).
+    pub version: Option<u64>,
+    /// The events written, in order (empty if the command decided nothing should happen).
+    pub events: Vec<Committed<A::Event>>,
+}
+
+impl<A: Aggregate> Executed<A> {
+    /// The position of the last event written, if any.
+    pub fn position(&self) -> Option<Position> {
+        self.events.last().map(|e| e.position)
+    }
+}
+
+/// Why a command was not carried out.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError<E> {
+    /// The aggregate refused the command: the domain's error.
+    #[error(transparent)]
+    Rejected(E),
+    /// The store failed, or conflicts outlasted the retries.
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+impl<E> CommandError<E> {
+    /// `true` when concurrent writers won every retry (an [`Error::Conflict`]).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, CommandError::Store(e) if e.is_conflict())
+    }
+}
+
+/// Loads aggregates from an event store, runs commands against them and appends the events
+/// they decide, with optimistic concurrency.
+///
+/// A command runs on the freshly loaded state and its events are appended with
+/// `ExpectedVersion::Exact` (or `NoStream`); if another writer got there first, the repository
+/// reloads and decides again, up to [`with_max_retries`](Repository::with_max_retries) times
+/// (default 3), before returning the conflict. No update is ever lost.
+///
+/// ```
+/// # use annal_eventstore::*;
+/// # #[derive(Debug, Clone, PartialEq)] enum CounterEvent { Added(u64) }
+/// # impl Event for CounterEvent {
+/// #     const EVENT_TYPES: &'static [&'static str] = &["Added"];
+/// #     fn event_type(&self) -> &'static str { "Added" }
+/// #     fn schema_version(&self) -> u32 { 1 }
+/// #     fn to_data(&self) -> Result<serde_json::Value> { let CounterEvent::Added(n) = self; Ok((*n).into()) }
+/// #     fn from_stored(_: &str, _: u32, data: serde_json::Value) -> Result<Self> {
+/// #         Ok(CounterEvent::Added(data.as_u64().unwrap_or_default()))
+/// #     }
+/// # }
+/// # #[derive(Debug, thiserror::Error)] #[error("too big")] struct TooBig;
+/// #[derive(Default, Debug)]
+/// struct Counter { total: u64 }
+/// # impl Aggregate for Counter { const CATEGORY: &'static str = "counter"; type Id = u32; type Event = CounterEvent; }
+///
+/// impl Decide for Counter {
+///     type Command = u64;
+///     type Error = TooBig;
+///     fn handle(&self, add: u64) -> std::result::Result<Vec<CounterEvent>, TooBig> {
+///         if self.total + add > 100 { return Err(TooBig) }
+///         Ok(vec![CounterEvent::Added(add)])
+///     }
+///     fn apply(&mut self, CounterEvent::Added(n): &CounterEvent) {
+///         self.total += n;
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+/// let counters = Repository::<Counter, _>::new(MemoryEventStore::new());
+/// counters.execute(&7, 60).await?;
+/// let done = counters.execute(&7, 30).await?;
+/// assert_eq!((done.state.total, done.version), (90, Some(1)));
+/// assert!(matches!(counters.execute(&7, 30).await, Err(CommandError::Rejected(TooBig))));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Repository<A, S> {
+    store: S,
+    max_retries: usize,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A: Decide, S: EventStore> Repository<A, S> {
+    /// A repository of `A` aggregates in `store`.
+    pub fn new(store: S) -> Self {
+        Repository { store, max_retries: 3, _aggregate: PhantomData }
+    }
+
+    /// How many times a command is decided again after a conflict (default 3).
+    pub fn with_max_retries(mut self, retries: usize) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Loads the aggregate: the latest usable snapshot, then the events after it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidStreamName`] for an id that makes no valid stream name,
+    /// [`Error::Decode`] for a stored event the event type cannot read, store errors.
+    pub async fn load(&self, id: &A::Id) -> Result<Loaded<A>> {
+        self.load_stream(&A::stream_name(id)?).await
+    }
+
+    async fn load_stream(&self, stream: &StreamName) -> Result<Loaded<A>> {
+        let (mut state, mut version) = (A::default(), None);
+        if let Some(schema_version) = A::snapshot_policy().schema_version()
+            && let Some(snapshot) = self.store.load_snapshot(stream).await?
+            && snapshot.schema_version == schema_version
+        {
+            match A::from_snapshot(snapshot.state) {
+                Ok(restored) => (state, version) = (restored, Some(snapshot.version)),
+                Err(error) => tracing::warn!(%stream, %error, "ignoring a snapshot that does not decode"),
+            }
+        }
+        let from = version.map_or(0, |v| v + 1);
+        let mut events = self.store.read_stream(stream, ReadStream::forwards().from_version(from));
+        while let Some(recorded) = events.try_next().await? {
+            state.apply(&A::Event::from_recorded(&recorded)?);
+            version = Some(recorded.version);
+        }
+        Ok(Loaded { state, version })
+    }
+
+    /// Runs `command` against the aggregate and appends the events it decides.
+    ///
+    /// # Errors
+    /// [`CommandError::Rejected`] with the aggregate's reason; [`CommandError::Store`] for store
+    /// errors and for conflicts that outlast the retries.
+    pub async fn execute(&self, id: &A::Id, command: A::Command) -> Result<Executed<A>, CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.execute_with(id, command, Metadata::default()).await
+    }
+
+    /// [`Repository::execute`], with `metadata` (correlation id, causation id, your own fields)
+    /// written on every event the command causes.
+    ///
+    /// # Errors
+    /// As [`Repository::execute`].
+    pub async fn execute_with(
+        &self,
+        id: &A::Id,
+        command: A::Command,
+        metadata: Metadata,
+    ) -> Result<Executed<A>, CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        let stream = A::stream_name(id)?;
+        let mut retries = 0;
+        loop {
+            let Loaded { mut state, version } = self.load_stream(&stream).await?;
+            let events = state.handle(command.clone()).map_err(CommandError::Rejected)?;
+            if events.is_empty() {
+                return Ok(Executed { state, version, events: Vec::new() });
+            }
+            let new = events
+                .iter()
+                .map(|e| Ok(e.to_new_event()?.with_metadata(metadata.clone())))
+                .collect::<Result<Vec<NewEvent>>>()?;
+            let ids: Vec<Uuid> = new.iter().map(|e| e.id).collect();
+            match self.store.append(&stream, ExpectedVersion::from_current(version), new).await {
+                Ok(written) => {
+                    events.iter().for_each(|e| state.apply(e));
+                    self.snapshot_if_due(&stream, &state, version, written.version).await;
+                    let first = version.map_or(0, |v| v + 1);
+                    let committed = events
+                        .into_iter()
+                        .zip(ids)
+                        .zip(written.positions)
+                        .enumerate()
+                        .map(|(i, ((event, id), position))| Committed {
+                            event,
+                            id,
+                            version: first + i as u64,
+                            position,
+                        })
+                        .collect();
+                    return Ok(Executed { state, version: Some(written.version), events: committed });
+                }
+                Err(error) if error.is_conflict() && retries < self.max_retries => {
+                    retries += 1;
+                    tracing::debug!(%stream, retries, "conflict; reloading and deciding again");
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Writes a snapshot when the policy says so. A failure only costs a slower load later, so
+    /// it is logged, not returned: the command's events are committed already.
+    async fn snapshot_if_due(&self, stream: &StreamName, state: &A, before: Option<u64>, after: u64) {
+        let policy = A::snapshot_policy();
+        let (Some(schema_version), true) = (policy.schema_version(), policy.due(before, after)) else { return };
+        let saved = match state.to_snapshot() {
+            Ok(payload) => self.store.save_snapshot(stream, &Snapshot::new(after, schema_version, payload)).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = saved {
+            tracing::warn!(%stream, version = after, %error, "could not write a snapshot");
+        }
+    }
+}
