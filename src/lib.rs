@@ -44,9 +44,9 @@ pub use annal_eventstore::*;
 #[doc(inline)]
 pub use annal_projections as projections;
 
-/// The derive macros (`#[derive(Event)]`, `#[derive(Aggregate)]`; being built).
 #[cfg(feature = "derive")]
-pub use annal_macros as macros;
+#[doc(inline)]
+pub use annal_macros::{Aggregate, Event};
 
 /// Guides from `docs/`, included here so that their code compiles and runs as doctests.
 pub mod guide {

@@ -44,6 +44,11 @@ mod event;
 mod filter;
 mod memory;
 mod position;
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::private::*;
+}
+mod private;
 mod store;
 mod stream;
 mod subscription;

@@ -1,0 +1,9 @@
+use annal::Aggregate;
+
+#[derive(Aggregate)]
+enum Account {
+    Open,
+    Closed,
+}
+
+fn main() {}
