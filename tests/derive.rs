@@ -130,3 +130,20 @@ fn compile_errors_point_at_the_mistake() {
     cases.pass("tests/ui/pass/*.rs");
     cases.compile_fail("tests/ui/fail/*.rs");
 }
+
+proptest::proptest! {
+    /// Events stored at any old schema version read back equal to the same event written today.
+    #[test]
+    fn upcast_old_events_equal_freshly_written_ones(owner in ".{0,40}", version in 1..=3u32) {
+        let fresh = AccountEvent::Opened { owner: owner.clone(), currency: "EUR".into(), overdraft: 0 };
+        let stored = match version {
+            1 => json!({ "name": owner }),
+            2 => json!({ "owner": owner }),
+            _ => fresh.to_data().unwrap(),
+        };
+        let read = AccountEvent::from_stored("AccountOpened", version, stored).unwrap();
+        proptest::prop_assert_eq!(&read, &fresh);
+        let rewritten = AccountEvent::from_stored(fresh.event_type(), fresh.schema_version(), fresh.to_data().unwrap());
+        proptest::prop_assert_eq!(rewritten.unwrap(), read);
+    }
+}

@@ -84,6 +84,8 @@ pub use crate::stream::{MAX_STREAM_NAME_LEN, StreamName};
 pub use crate::subscription::{Notifier, SubscriptionOptions, Wakeup};
 #[doc(inline)]
 pub use crate::version::{AppendResult, ExpectedVersion};
+/// The attribute [`EventStore`] implementations use (the trait is object-safe through it).
+pub use async_trait::async_trait;
 
 #[cfg(feature = "postgres")]
 #[doc(inline)]

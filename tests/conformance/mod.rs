@@ -21,7 +21,8 @@ macro_rules! suite {
             duplicates_that_are_not_retries, bad_input_writes_nothing, read_stream_directions_and_limits,
             read_all_filters_and_moves_past_unselected, one_winner_among_concurrent_appenders,
             concurrent_writers_are_seen_once_in_order, subscription_catches_up_then_follows_live,
-            slow_subscriber_does_not_block_writers, large_batch_is_atomic, json_round_trips_exactly);
+            slow_subscriber_does_not_block_writers, large_batch_is_atomic, json_round_trips_exactly,
+            snapshots_keep_the_newest);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
         $(
@@ -511,4 +512,23 @@ pub(crate) async fn json_round_trips_exactly<S: EventStore>(store: S) {
     let last = store.read_stream(&s, ReadStream::backwards().limit(1)).try_collect::<Vec<_>>().await.unwrap();
     assert_eq!(last[0].metadata, meta);
     assert_eq!(last[0].position, written.position());
+}
+
+pub(crate) async fn snapshots_keep_the_newest<S: EventStore>(store: S) {
+    let s = stream("snap-1");
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), None);
+    let v5 = annal::Snapshot::new(5, 1, json!({ "balance": 5 }));
+    store.save_snapshot(&s, &v5).await.unwrap();
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(v5.clone()));
+    // An older snapshot (a slow writer) never replaces a newer one.
+    store.save_snapshot(&s, &annal::Snapshot::new(3, 1, json!({ "balance": 3 }))).await.unwrap();
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(v5));
+    let v9 = annal::Snapshot::new(9, 1, json!({ "balance": 9, "nested": [1, 2] }));
+    store.save_snapshot(&s, &v9).await.unwrap();
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(v9));
+    // A new schema version replaces whatever was there.
+    let v2 = annal::Snapshot::new(4, 2, json!({ "cents": 400 }));
+    store.save_snapshot(&s, &v2).await.unwrap();
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(v2));
+    assert_eq!(store.load_snapshot(&stream("snap-2")).await.unwrap(), None);
 }

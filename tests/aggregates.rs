@@ -1,0 +1,339 @@
+//! Aggregates through the repository on every backend: no lost update under concurrent
+//! commands, metadata on every event, snapshots that never change what `load` returns, typed
+//! conflicts; plus property tests of replay, snapshots and upcasting.
+#![cfg(feature = "derive")]
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use annal::{
+    Aggregate, CommandError, Decide, Event, EventStore, ExpectedVersion, Filter, Metadata, NewEvent, Page, Position,
+    ReadStream, RecordedEvent, Repository, SnapshotPolicy, StreamName, Wakeup,
+};
+use futures::TryStreamExt;
+use proptest::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Event)]
+enum AccountEvent {
+    Deposited { amount: u64 },
+    Withdrawn { amount: u64 },
+}
+
+#[derive(Debug, Clone)]
+enum AccountCommand {
+    Deposit(u64),
+    Withdraw(u64),
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum AccountError {
+    #[error("insufficient funds: balance {balance}, requested {requested}")]
+    InsufficientFunds { balance: u64, requested: u64 },
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, Aggregate)]
+#[aggregate(category = "account", event = AccountEvent, id = u64, snapshot(every = 4))]
+struct Account {
+    balance: u64,
+    transactions: u64,
+}
+
+impl Decide for Account {
+    type Command = AccountCommand;
+    type Error = AccountError;
+
+    fn handle(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+        match command {
+            AccountCommand::Deposit(amount) => Ok(vec![AccountEvent::Deposited { amount }]),
+            AccountCommand::Withdraw(requested) if requested > self.balance => {
+                Err(AccountError::InsufficientFunds { balance: self.balance, requested })
+            }
+            AccountCommand::Withdraw(amount) => Ok(vec![AccountEvent::Withdrawn { amount }]),
+        }
+    }
+
+    fn apply(&mut self, event: &AccountEvent) {
+        match event {
+            AccountEvent::Deposited { amount } => self.balance += amount,
+            AccountEvent::Withdrawn { amount } => self.balance -= amount,
+        }
+        self.transactions += 1;
+    }
+}
+
+async fn history<S: EventStore>(store: &S, id: u64) -> Vec<RecordedEvent> {
+    let stream = Account::stream_name(&id).unwrap();
+    store.read_stream(&stream, ReadStream::forwards()).try_collect().await.unwrap()
+}
+
+fn full_replay(events: &[RecordedEvent]) -> Account {
+    let decoded: Vec<AccountEvent> = events.iter().map(|e| AccountEvent::from_recorded(e).unwrap()).collect();
+    annal::replay::<Account>(&decoded)
+}
+
+macro_rules! backends {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() { super::$case(annal::MemoryEventStore::new()).await; })*
+        }
+        #[cfg(feature = "sqlite")]
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$case(annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap()).await;
+            })*
+        }
+        #[cfg(feature = "postgres")]
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() { super::$case(crate::support::pg::fresh_store().await).await; })*
+        }
+    };
+}
+
+backends!(
+    concurrent_commands_lose_no_update,
+    metadata_flows_into_every_event,
+    snapshots_never_change_what_load_returns,
+    rejected_commands_write_nothing,
+    conflicts_are_retried_then_reported
+);
+
+async fn concurrent_commands_lose_no_update<S: EventStore + Clone + 'static>(store: S) {
+    const TASKS: u64 = 8;
+    const COMMANDS: u64 = 15;
+    let repository = Repository::<Account, _>::new(store.clone()).with_max_retries(1_000);
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let repository = repository.clone();
+            tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                for i in 0..COMMANDS {
+                    let amount = t * 1000 + i + 1;
+                    let done = repository.execute(&1, AccountCommand::Deposit(amount)).await.unwrap();
+                    assert_eq!(done.events.len(), 1);
+                    accepted.push((done.events[0].id, amount));
+                }
+                accepted
+            })
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    for task in tasks {
+        accepted.extend(task.await.unwrap());
+    }
+    let events = history(&store, 1).await;
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let unique: HashSet<Uuid> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "an event was written twice");
+    assert_eq!(unique, accepted.iter().map(|(id, _)| *id).collect(), "the stream and the accepted commands differ");
+    let loaded = repository.load(&1).await.unwrap();
+    assert_eq!(loaded.state.balance, accepted.iter().map(|(_, amount)| amount).sum::<u64>());
+    assert_eq!(loaded.state.transactions, TASKS * COMMANDS);
+    assert_eq!(loaded.version, Some(TASKS * COMMANDS - 1));
+    assert_eq!(loaded.state, full_replay(&events));
+}
+
+async fn metadata_flows_into_every_event<S: EventStore + Clone + 'static>(store: S) {
+    let repository = Repository::<Account, _>::new(store.clone());
+    let (correlation, causation) = (Uuid::now_v7(), Uuid::now_v7());
+    let metadata =
+        Metadata::default().with_correlation_id(correlation).with_causation_id(causation).with("user", "ada");
+    let done = repository.execute_with(&7, AccountCommand::Deposit(5), metadata.clone()).await.unwrap();
+    let events = history(&store, 7).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].metadata, metadata);
+    assert_eq!((events[0].id, events[0].position, events[0].version), (done.events[0].id, done.events[0].position, 0));
+    assert_eq!(done.position(), Some(events[0].position));
+    assert_eq!((events[0].event_type.as_str(), events[0].schema_version), ("Deposited", 1));
+}
+
+async fn snapshots_never_change_what_load_returns<S: EventStore + Clone + 'static>(store: S) {
+    let repository = Repository::<Account, _>::new(store.clone());
+    for i in 1..=10 {
+        repository.execute(&3, AccountCommand::Deposit(i)).await.unwrap();
+    }
+    let stream = Account::stream_name(&3).unwrap();
+    // Every 4 events: after versions 3 and 7.
+    let snapshot = store.load_snapshot(&stream).await.unwrap().expect("a snapshot was written");
+    assert_eq!((snapshot.version, snapshot.schema_version), (7, 1));
+    let loaded = repository.load(&3).await.unwrap();
+    assert_eq!(loaded.state, full_replay(&history(&store, 3).await));
+    assert_eq!((loaded.state.balance, loaded.version), (55, Some(9)));
+    // A snapshot of another schema version (an older build's shape) is ignored.
+    store.save_snapshot(&stream, &annal::Snapshot::new(9, 99, json!({ "nonsense": true }))).await.unwrap();
+    assert_eq!(repository.load(&3).await.unwrap(), loaded);
+    // A snapshot of the current version that does not decode is ignored too.
+    store.save_snapshot(&stream, &annal::Snapshot::new(9, 1, json!("corrupt"))).await.unwrap();
+    assert_eq!(repository.load(&3).await.unwrap(), loaded);
+}
+
+async fn rejected_commands_write_nothing<S: EventStore + Clone + 'static>(store: S) {
+    let repository = Repository::<Account, _>::new(store.clone());
+    repository.execute(&4, AccountCommand::Deposit(10)).await.unwrap();
+    match repository.execute(&4, AccountCommand::Withdraw(11)).await {
+        Err(CommandError::Rejected(e)) => {
+            assert_eq!(e, AccountError::InsufficientFunds { balance: 10, requested: 11 })
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(history(&store, 4).await.len(), 1);
+    let done = repository.execute(&4, AccountCommand::Withdraw(10)).await.unwrap();
+    assert_eq!((done.state.balance, done.version), (0, Some(1)));
+}
+
+/// A store that lets another writer in just before the first `times` appends, forcing conflicts.
+#[derive(Clone)]
+struct Racing<S> {
+    inner: S,
+    remaining: std::sync::Arc<AtomicU64>,
+}
+
+#[annal::async_trait]
+impl<S: EventStore> EventStore for Racing<S> {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> annal::Result<annal::AppendResult> {
+        if self.remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            let intruder = AccountEvent::Deposited { amount: 1000 }.to_new_event()?;
+            self.inner.append(stream, ExpectedVersion::Any, vec![intruder]).await?;
+        }
+        self.inner.append(stream, expected, events).await
+    }
+    async fn read_stream_page(
+        &self,
+        stream: &StreamName,
+        direction: annal::Direction,
+        from: u64,
+        limit: usize,
+    ) -> annal::Result<Vec<RecordedEvent>> {
+        self.inner.read_stream_page(stream, direction, from, limit).await
+    }
+    async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> annal::Result<Page> {
+        self.inner.read_all_page(from, filter, limit).await
+    }
+    async fn head(&self) -> annal::Result<Position> {
+        self.inner.head().await
+    }
+    fn wakeup(&self) -> Wakeup {
+        self.inner.wakeup()
+    }
+}
+
+async fn conflicts_are_retried_then_reported<S: EventStore + Clone + 'static>(store: S) {
+    let racing = Racing { inner: store.clone(), remaining: std::sync::Arc::new(AtomicU64::new(2)) };
+    // Two intruders, two retries: the third try lands, deciding on the state the intruders left.
+    let repository = Repository::<Account, _>::new(racing.clone()).with_max_retries(2);
+    let done = repository.execute(&5, AccountCommand::Deposit(100)).await.unwrap();
+    assert_eq!((done.state.balance, done.version), (2100, Some(2)));
+    // One intruder, no retries: the conflict comes back typed, and nothing of ours is written.
+    racing.remaining.store(1, Ordering::SeqCst);
+    let strict = Repository::<Account, _>::new(racing).with_max_retries(0);
+    let err = strict.execute(&5, AccountCommand::Deposit(1)).await.unwrap_err();
+    assert!(err.is_conflict(), "{err}");
+    assert!(matches!(err, CommandError::Store(annal::Error::Conflict { actual: Some(3), .. })), "{err:?}");
+    let amounts: Vec<_> = history(&store, 5).await.iter().map(|e| e.data.clone()).collect();
+    assert_eq!(amounts.len(), 4, "{amounts:?}");
+}
+
+/// An aggregate whose snapshot frequency the property test chooses per case.
+static EVERY: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Tunable(Account);
+
+impl Aggregate for Tunable {
+    const CATEGORY: &'static str = "tunable";
+    type Id = u64;
+    type Event = AccountEvent;
+    fn snapshot_policy() -> SnapshotPolicy {
+        SnapshotPolicy::every(EVERY.load(Ordering::SeqCst))
+    }
+    fn to_snapshot(&self) -> annal::Result<serde_json::Value> {
+        Ok(serde_json::to_value(self).unwrap())
+    }
+    fn from_snapshot(snapshot: serde_json::Value) -> annal::Result<Self> {
+        Ok(serde_json::from_value(snapshot).unwrap())
+    }
+}
+
+impl Decide for Tunable {
+    type Command = AccountCommand;
+    type Error = AccountError;
+    fn handle(&self, command: AccountCommand) -> Result<Vec<AccountEvent>, AccountError> {
+        self.0.handle(command)
+    }
+    fn apply(&mut self, event: &AccountEvent) {
+        self.0.apply(event);
+    }
+}
+
+fn commands() -> impl Strategy<Value = Vec<AccountCommand>> {
+    prop::collection::vec(
+        prop_oneof![(1..100u64).prop_map(AccountCommand::Deposit), (1..150u64).prop_map(AccountCommand::Withdraw)],
+        0..60,
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Loading through any snapshot frequency gives the state a full replay gives.
+    #[test]
+    fn snapshot_plus_tail_equals_full_replay(commands in commands(), every in 1..8u64) {
+        runtime().block_on(async {
+            EVERY.store(every, Ordering::SeqCst);
+            let store = annal::MemoryEventStore::new();
+            let repository = Repository::<Tunable, _>::new(store.clone());
+            for command in commands {
+                let _ = repository.execute(&1, command).await;
+            }
+            let stream = Tunable::stream_name(&1).unwrap();
+            let recorded: Vec<RecordedEvent> = store.read_stream(&stream, ReadStream::forwards()).try_collect().await.unwrap();
+            let loaded = repository.load(&1).await.unwrap();
+            prop_assert_eq!(&loaded.state.0, &full_replay(&recorded));
+            prop_assert_eq!(loaded.version, recorded.last().map(|e| e.version));
+            Ok(())
+        })?;
+    }
+
+    /// Replaying in pages of any size, or in chunks folded one after another, equals replaying at once.
+    #[test]
+    fn replay_in_chunks_equals_replay_at_once(commands in commands(), page in 1..20usize) {
+        runtime().block_on(async {
+            let store = annal::MemoryEventStore::new();
+            let repository = Repository::<Account, _>::new(store.clone());
+            for command in commands {
+                let _ = repository.execute(&1, command).await;
+            }
+            let stream = Account::stream_name(&1).unwrap();
+            let paged: Vec<RecordedEvent> =
+                store.read_stream(&stream, ReadStream::forwards().page_size(page)).try_collect().await.unwrap();
+            let at_once = history(&store, 1).await;
+            prop_assert_eq!(&paged, &at_once);
+            let decoded: Vec<AccountEvent> = at_once.iter().map(|e| AccountEvent::from_recorded(e).unwrap()).collect();
+            let mut chunked = Account::default();
+            for chunk in decoded.chunks(page) {
+                // Carry the state between chunks through its snapshot form, as a restart would.
+                chunked = Account::from_snapshot(chunked.to_snapshot().unwrap()).unwrap();
+                chunk.iter().for_each(|e| chunked.apply(e));
+            }
+            prop_assert_eq!(chunked, annal::replay::<Account>(&decoded));
+            Ok(())
+        })?;
+    }
+}
