@@ -9,7 +9,7 @@
 //! | `sqlite`      | yes     | [`SqliteEventStore`], the embedded backend              |
 //! | `postgres`    |         | [`PgEventStore`], the production backend                 |
 //! | `projections` |         | the [`projections`] crate                                |
-//! | `derive`      |         | `#[derive(Event)]`, `#[derive(Aggregate)]`               |
+//! | `derive`      | yes     | `#[derive(Event)]`, `#[derive(Aggregate)]`               |
 //!
 //! # Example
 //!
@@ -59,6 +59,11 @@ pub mod guide {
     /// subscribers.
     #[doc = include_str!("../docs/ordering.md")]
     pub mod ordering {}
+
+    /// Aggregates, commands, the repository, snapshots and schema evolution.
+    #[cfg(feature = "derive")]
+    #[doc = include_str!("../docs/aggregates.md")]
+    pub mod aggregates {}
 }
 
 /// The README's code, compiled as a doctest so that it stays true.

@@ -118,9 +118,9 @@ fn aggregate_wiring() {
     let state = Account { balance: 9 };
     assert_eq!(Account::from_snapshot(state.to_snapshot().unwrap()).unwrap(), state);
     assert!(matches!(Account::from_snapshot(json!("junk")), Err(annal::Error::Decode { .. })));
-    // Defaults: the lower-cased name, String ids, no snapshots.
+    // Defaults: the lower-cased name, `str` ids, no snapshots.
     assert_eq!(<Ledger as Aggregate>::CATEGORY, "ledger");
-    assert_eq!(Ledger::stream_name(&"main".to_owned()).unwrap().as_str(), "ledger-main");
+    assert_eq!(Ledger::stream_name("main").unwrap().as_str(), "ledger-main");
     assert_eq!(Ledger::snapshot_policy(), annal::SnapshotPolicy::Never);
 }
 

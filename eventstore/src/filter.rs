@@ -4,6 +4,9 @@ use crate::RecordedEvent;
 
 /// Which events a global read or a subscription wants: a selective consumer.
 ///
+/// `Filter::event_types(AccountEvent::EVENT_TYPES)` selects every event type of a
+/// `#[derive(Event)]` enum.
+///
 /// An event matches when its stream's category is one of `categories` (or that list is empty)
 /// and its type is one of `event_types` (or that list is empty). [`Filter::all`] matches
 /// everything.
@@ -27,17 +30,17 @@ impl Filter {
     }
 
     /// Events of streams in these categories.
-    pub fn categories<I: IntoIterator<Item = S>, S: Into<String>>(categories: I) -> Self {
+    pub fn categories<I: IntoIterator<Item = S>, S: AsRef<str>>(categories: I) -> Self {
         Filter { categories: collect(categories), event_types: Vec::new() }
     }
 
     /// Events of these types.
-    pub fn event_types<I: IntoIterator<Item = S>, S: Into<String>>(types: I) -> Self {
+    pub fn event_types<I: IntoIterator<Item = S>, S: AsRef<str>>(types: I) -> Self {
         Filter { categories: Vec::new(), event_types: collect(types) }
     }
 
     /// Narrows the filter to these event types as well.
-    pub fn with_event_types<I: IntoIterator<Item = S>, S: Into<String>>(mut self, types: I) -> Self {
+    pub fn with_event_types<I: IntoIterator<Item = S>, S: AsRef<str>>(mut self, types: I) -> Self {
         self.event_types = collect(types);
         self
     }
@@ -68,8 +71,8 @@ impl Filter {
     }
 }
 
-fn collect<I: IntoIterator<Item = S>, S: Into<String>>(items: I) -> Vec<String> {
-    let mut items: Vec<String> = items.into_iter().map(Into::into).collect();
+fn collect<I: IntoIterator<Item = S>, S: AsRef<str>>(items: I) -> Vec<String> {
+    let mut items: Vec<String> = items.into_iter().map(|s| s.as_ref().to_owned()).collect();
     items.sort();
     items.dedup();
     items

@@ -102,7 +102,7 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     let ident = &input.ident;
     let category = category.get().unwrap_or_else(|| ident.to_string().to_lowercase());
     let event = event.expect("checked above");
-    let id = id.get().map_or_else(|| quote!(::std::string::String), |ty| quote!(#ty));
+    let id = id.get().map_or_else(|| quote!(str), |ty| quote!(#ty));
     let snapshots = snapshot.get().map(|Snapshots { every, version }| {
         quote! {
             fn snapshot_policy() -> ::annal::SnapshotPolicy {

@@ -35,7 +35,8 @@ pub fn derive_event(input: TokenStream) -> TokenStream {
 /// Implements `annal::Aggregate` for a struct holding an aggregate's state.
 ///
 /// Attributes, all under `#[aggregate(...)]`: `event = Type` (required), `category = "..."`
-/// (the lower-cased struct name if not given), `id = Type` (`String` if not given) and
+/// (the lower-cased struct name if not given), `id = Type` (`str` if not given, so ids are
+/// passed as `&str`) and
 /// `snapshot(every = N, version = M)` (the struct must then also derive `serde::Serialize`
 /// and `serde::Deserialize`). The behaviour, `handle` and `apply`, is yours to write in an
 /// `impl annal::Decide`.

@@ -43,6 +43,8 @@ pub struct Executed<A: Aggregate> {
     pub version: Option<u64>,
     /// The events written, in order (empty if the command decided nothing should happen).
     pub events: Vec<Committed<A::Event>>,
+    /// How many times the command was decided: 1, plus one per conflict retried.
+    pub attempts: usize,
 }
 
 impl<A: Aggregate> Executed<A> {
@@ -54,7 +56,6 @@ impl<A: Aggregate> Executed<A> {
 
 /// Why a command was not carried out.
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
 pub enum CommandError<E> {
     /// The aggregate refused the command: the domain's error.
     #[error(transparent)]
@@ -77,7 +78,9 @@ impl<E> CommandError<E> {
 /// A command runs on the freshly loaded state and its events are appended with
 /// `ExpectedVersion::Exact` (or `NoStream`); if another writer got there first, the repository
 /// reloads and decides again, up to [`with_max_retries`](Repository::with_max_retries) times
-/// (default 3), before returning the conflict. No update is ever lost.
+/// (default 3), before returning the conflict. No update is ever lost. Between retries it waits
+/// a short, random, growing pause (up to 1, 2, 4, ... ms, at most 50 ms), so that writers racing
+/// for one busy stream take turns instead of the last winner winning again.
 ///
 /// ```
 /// # use annal_eventstore::*;
@@ -118,11 +121,35 @@ impl<E> CommandError<E> {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone)]
 pub struct Repository<A, S> {
     store: S,
     max_retries: usize,
     _aggregate: PhantomData<fn() -> A>,
+}
+
+// Written by hand: derived impls would needlessly require `A: Clone` / `A: Debug`.
+impl<A, S: Clone> Clone for Repository<A, S> {
+    fn clone(&self) -> Self {
+        Repository { store: self.store.clone(), max_retries: self.max_retries, _aggregate: PhantomData }
+    }
+}
+
+impl<A, S: std::fmt::Debug> std::fmt::Debug for Repository<A, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("aggregate", &std::any::type_name::<A>())
+            .field("store", &self.store)
+            .field("max_retries", &self.max_retries)
+            .finish()
+    }
+}
+
+/// A random pause before retry number `retry` (from 1): up to 2^(retry-1) ms, at most 50 ms.
+fn retry_pause(retry: usize) -> std::time::Duration {
+    let ceiling_micros = (1_000u64 << retry.saturating_sub(1).min(6)).min(50_000);
+    // A version-4 UUID is 122 random bits: enough randomness without another dependency.
+    let random = (Uuid::new_v4().as_u128() as u64) % ceiling_micros.max(1);
+    std::time::Duration::from_micros(random)
 }
 
 impl<A: Decide, S: EventStore> Repository<A, S> {
@@ -203,7 +230,7 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
             let Loaded { mut state, version } = self.load_stream(&stream).await?;
             let events = state.handle(command.clone()).map_err(CommandError::Rejected)?;
             if events.is_empty() {
-                return Ok(Executed { state, version, events: Vec::new() });
+                return Ok(Executed { state, version, events: Vec::new(), attempts: retries + 1 });
             }
             let new = events
                 .iter()
@@ -227,11 +254,17 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
                             position,
                         })
                         .collect();
-                    return Ok(Executed { state, version: Some(written.version), events: committed });
+                    return Ok(Executed {
+                        state,
+                        version: Some(written.version),
+                        events: committed,
+                        attempts: retries + 1,
+                    });
                 }
                 Err(error) if error.is_conflict() && retries < self.max_retries => {
                     retries += 1;
                     tracing::debug!(%stream, retries, "conflict; reloading and deciding again");
+                    tokio::time::sleep(retry_pause(retries)).await;
                 }
                 Err(error) => return Err(error.into()),
             }
