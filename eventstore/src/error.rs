@@ -139,6 +139,7 @@ impl Error {
         matches!(self, Error::Conflict { .. })
     }
 
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) fn backend(source: impl Into<BoxError>) -> Self {
         Error::Backend(source.into())
     }

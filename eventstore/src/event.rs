@@ -170,6 +170,7 @@ impl RecordedEvent {
 }
 
 /// An event checked against the store's rules, with its JSON encoded once for the backend.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 pub(crate) struct EncodedEvent {
     pub(crate) event: NewEvent,
     pub(crate) data: String,

@@ -186,6 +186,24 @@ pub trait EventStore: Send + Sync {
     /// store is empty).
     async fn head(&self) -> Result<Position>;
 
+    /// How many events after `after`, up to and including `up_to`, match `filter`: how far a
+    /// reader at `after` is behind.
+    ///
+    /// The provided implementation pages through the events; backends count in the database.
+    async fn count(&self, after: Position, up_to: Position, filter: &Filter) -> Result<u64> {
+        let mut count = 0;
+        let mut from = after;
+        while from < up_to {
+            let page = self.read_all_page(from, filter, DEFAULT_PAGE_SIZE).await?;
+            count += page.events.iter().filter(|e| e.position <= up_to).count() as u64;
+            if page.events.is_empty() || page.next <= from {
+                break;
+            }
+            from = page.next;
+        }
+        Ok(count)
+    }
+
     /// The stream's current version (`None` if it does not exist).
     async fn stream_version(&self, stream: &StreamName) -> Result<Option<u64>> {
         let last = self.read_stream_page(stream, Direction::Backwards, u64::MAX, 1).await?;

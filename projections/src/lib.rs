@@ -1,7 +1,120 @@
-//! Annal projections: asynchronous workers that consume event store subscriptions and build
-//! read models, with checkpoints, delivery guarantees, retries, dead letters, partitions and
-//! lag measurement.
+//! Annal projections: asynchronous workers that follow the event store's global log and build
+//! read models, with checkpoints, a delivery guarantee per projection, retries with back-off,
+//! dead letters, and lag measurement.
 //!
-//! This crate is being built; today it re-exports the event store types a projection consumes.
+//! - A [`Projection`] has a name, a [filter](Projection::filter) (a selective consumer), a
+//!   [`Delivery`] mode, a batch size and a handler.
+//! - A [`ProjectionStore`] keeps checkpoints and dead letters beside the events:
+//!   [`MemoryProjectionStore`], and `SqliteProjectionStore` / `PgProjectionStore` behind the
+//!   `sqlite` / `postgres` features, whose transactions give exactly-once effect.
+//! - A [`ProjectionRunner`] runs projections; [`RunningProjections`] waits for positions
+//!   (read-your-writes), reports [`Lag`] and shuts down gracefully.
+
+mod dead_letters;
+mod dedup;
+mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod projection;
+mod retry;
+mod runner;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod sql;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+mod store;
+mod worker;
+
+use std::time::Duration;
 
 pub use annal_eventstore::{Filter, Position, RecordedEvent};
+use uuid::Uuid;
+
+pub use crate::dead_letters::{retry_dead_letter, skip_dead_letter};
+pub use crate::dedup::Dedup;
+pub use crate::memory::MemoryProjectionStore;
+#[cfg(feature = "postgres")]
+pub use crate::postgres::PgProjectionStore;
+pub use crate::projection::{Delivery, Projection, Tx};
+pub use crate::retry::{OnFailure, RetryPolicy};
+pub use crate::runner::{Lag, ProjectionRunner, RunningProjections};
+#[cfg(feature = "sqlite")]
+pub use crate::sqlite::SqliteProjectionStore;
+pub use crate::store::{Applied, Checkpoint, DeadLetter, Park, ProjectionStore};
+pub use crate::worker::{Latency, Progress, WorkerOptions};
+
+/// `Result` with the projections' [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong running projections.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A projection name broke the naming rules.
+    #[error("invalid projection name {name:?}: {reason}")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+    /// Two projections with one name.
+    #[error("two projections are named {0:?}")]
+    DuplicateName(String),
+    /// No running projection has this name.
+    #[error("no projection named {0:?} is running here")]
+    UnknownProjection(String),
+    /// A projection gave up on an event under [`OnFailure::Stop`].
+    #[error("projection {projection} stopped at event {event_id} ({position}) after {attempts} attempts: {reason}")]
+    Stopped {
+        /// The projection.
+        projection: String,
+        /// The event that kept failing.
+        event_id: Uuid,
+        /// Its position.
+        position: Position,
+        /// How many times it was tried.
+        attempts: u32,
+        /// The last error.
+        reason: String,
+    },
+    /// No dead letter with this id.
+    #[error("projection {projection} has no dead letter {id}")]
+    NoDeadLetter {
+        /// The projection.
+        projection: String,
+        /// The id asked for.
+        id: i64,
+    },
+    /// A dead letter cannot be retried before an older one of its stream.
+    #[error("dead letter {id} waits behind dead letter {older} of stream {stream}; retry or skip that one first")]
+    OutOfOrder {
+        /// The id asked for.
+        id: i64,
+        /// The older dead letter of the same stream.
+        older: i64,
+        /// The stream.
+        stream: String,
+    },
+    /// A wait for a position ran out of time.
+    #[error("position {position} was not reached within {waited:?}")]
+    Timeout {
+        /// The position waited for.
+        position: Position,
+        /// How long.
+        waited: Duration,
+    },
+    /// A worker task panicked.
+    #[error("a projection worker panicked: {0}")]
+    Panicked(String),
+    /// The event store or the projection store failed.
+    #[error(transparent)]
+    Store(#[from] annal_eventstore::Error),
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl From<sqlx::Error> for Error {
+    fn from(error: sqlx::Error) -> Self {
+        Error::Store(error.into())
+    }
+}

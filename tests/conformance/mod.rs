@@ -337,6 +337,13 @@ pub(crate) async fn read_all_filters_and_moves_past_unselected<S: EventStore>(st
         paged.extend(page.events);
     }
     assert_eq!(paged, everything);
+    // Counting what a reader at some position is behind.
+    let head = store.head().await.unwrap();
+    assert_eq!(store.count(Position::START, head, &Filter::all()).await.unwrap(), 20);
+    assert_eq!(store.count(everything[4].position, head, &Filter::all()).await.unwrap(), 15);
+    assert_eq!(store.count(Position::START, everything[9].position, &Filter::categories(["cat0"])).await.unwrap(), 5);
+    assert_eq!(store.count(Position::START, head, &Filter::event_types(["Odd"])).await.unwrap(), 8);
+    assert_eq!(store.count(head, head, &Filter::all()).await.unwrap(), 0);
     // A filter that selects nothing still moves the reader to the head, so a selective
     // consumer's checkpoint keeps up.
     let page = store.read_all_page(Position::START, &Filter::categories(["nothing"]), 100).await.unwrap();

@@ -479,6 +479,23 @@ impl EventStore for PgEventStore {
         Ok(row.map_or(Position::START, |(t, s)| position(t, s)))
     }
 
+    async fn count(&self, after: Position, up_to: Position, filter: &Filter) -> Result<u64> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM annal_events WHERE (tx_id, seq) > ($1, $2) AND (tx_id, seq) <= ($3, $4) \
+             AND (cardinality($5::text[]) = 0 OR category = ANY($5)) \
+             AND (cardinality($6::text[]) = 0 OR event_type = ANY($6))",
+        )
+        .bind(to_i64(after.transaction()))
+        .bind(to_i64(after.sequence()))
+        .bind(to_i64(up_to.transaction()))
+        .bind(to_i64(up_to.sequence()))
+        .bind(filter.category_list())
+        .bind(filter.event_type_list())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(to_u64(count))
+    }
+
     async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>> {
         let row: Option<(i64, i32, serde_json::Value)> =
             sqlx::query_as("SELECT version, schema_version, state FROM annal_snapshots WHERE stream = $1")

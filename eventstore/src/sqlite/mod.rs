@@ -100,6 +100,18 @@ impl SqliteEventStore {
         self
     }
 
+    /// The pool of the one connection that writes. Read models kept in the same file are written
+    /// through it, in the same transactions as their projections' checkpoints.
+    pub fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    /// Wakes this store's subscribers, as an append does. For code that writes events through
+    /// [`SqliteEventStore::writer`] directly.
+    pub fn notify(&self) {
+        self.notifier.notify();
+    }
+
     /// Closes the connections; every later call fails with [`Error::Closed`].
     pub async fn close(&self) {
         self.writer.close().await;
@@ -264,6 +276,15 @@ impl EventStore for SqliteEventStore {
         let head: Option<i64> =
             sqlx::query_scalar("SELECT max(position) FROM annal_events").fetch_one(&self.readers).await?;
         Ok(head.map_or(Position::START, |p| Position::new(0, to_u64(p))))
+    }
+
+    async fn count(&self, after: Position, up_to: Position, filter: &Filter) -> Result<u64> {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT count(*) FROM annal_events WHERE position > ");
+        q.push_bind(to_i64(after.sequence())).push(" AND position <= ").push_bind(to_i64(up_to.sequence()));
+        push_in(&mut q, "category", filter.category_list());
+        push_in(&mut q, "event_type", filter.event_type_list());
+        let count: i64 = q.build_query_scalar().fetch_one(&self.readers).await?;
+        Ok(to_u64(count))
     }
 
     async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>> {

@@ -1,0 +1,152 @@
+//! Checkpoints and dead letters in memory, for tests beside `MemoryEventStore`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use annal_eventstore::{Position, RecordedEvent};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::projection::Tx;
+use crate::store::{Applied, Checkpoint, DeadLetter, Park, ProjectionStore};
+use crate::{Projection, Result};
+
+/// Checkpoints and dead letters in memory. Without transactions, [`ProjectionStore::apply`]
+/// runs the handler and then moves the checkpoint, so exactly-once holds only while the process
+/// lives, which is what tests of in-memory read models need.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryProjectionStore {
+    inner: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    checkpoints: HashMap<(String, u32), Checkpoint>,
+    dead_letters: Vec<DeadLetter>,
+    next_id: i64,
+}
+
+impl MemoryProjectionStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    fn advance(
+        &mut self,
+        projection: &str,
+        partition: u32,
+        from: Position,
+        to: Position,
+        last: Option<DateTime<Utc>>,
+    ) -> bool {
+        let key = (projection.to_owned(), partition);
+        let current = self.checkpoints.get(&key).map_or(Position::START, |c| c.position);
+        if current != from {
+            return false;
+        }
+        let previous = self.checkpoints.get(&key).and_then(|c| c.last_recorded_at);
+        self.checkpoints
+            .insert(key, Checkpoint { position: to, updated_at: Utc::now(), last_recorded_at: last.or(previous) });
+        true
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for MemoryProjectionStore {
+    async fn checkpoint(&self, projection: &str, partition: u32) -> Result<Option<Checkpoint>> {
+        Ok(self.state().checkpoints.get(&(projection.to_owned(), partition)).cloned())
+    }
+
+    async fn advance(
+        &self,
+        projection: &str,
+        partition: u32,
+        from: Position,
+        to: Position,
+        last_recorded_at: Option<DateTime<Utc>>,
+    ) -> Result<bool> {
+        Ok(self.state().advance(projection, partition, from, to, last_recorded_at))
+    }
+
+    async fn apply(
+        &self,
+        projection: &dyn Projection,
+        partition: u32,
+        from: Position,
+        to: Position,
+        events: &[RecordedEvent],
+    ) -> Result<Applied> {
+        let current = self.checkpoint(projection.name(), partition).await?.map_or(Position::START, |c| c.position);
+        if current != from {
+            return Ok(Applied::Moved);
+        }
+        if let Err(error) = projection.handle(events, &mut Tx::none()).await {
+            return Ok(Applied::Failed(error));
+        }
+        let last = events.last().map(|e| e.recorded_at);
+        Ok(if self.state().advance(projection.name(), partition, from, to, last) {
+            Applied::Committed
+        } else {
+            Applied::Moved
+        })
+    }
+
+    async fn park(&self, projection: &str, partition: u32, from: Position, park: Park<'_>) -> Result<bool> {
+        let mut state = self.state();
+        if !state.advance(projection, partition, from, park.event.position, None) {
+            return Ok(false);
+        }
+        state.next_id += 1;
+        let id = state.next_id;
+        let event = park.event;
+        state.dead_letters.push(DeadLetter {
+            id,
+            projection: projection.to_owned(),
+            partition,
+            event_id: event.id,
+            stream: event.stream.clone(),
+            version: event.version,
+            position: event.position,
+            error: park.error.to_owned(),
+            attempts: park.attempts,
+            parked_at: Utc::now(),
+        });
+        Ok(true)
+    }
+
+    async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>> {
+        Ok(self.state().dead_letters.iter().filter(|d| d.projection == projection).cloned().collect())
+    }
+
+    async fn apply_dead_letter(&self, projection: &dyn Projection, id: i64, event: &RecordedEvent) -> Result<Applied> {
+        let present = self.state().dead_letters.iter().any(|d| d.id == id && d.projection == projection.name());
+        if !present {
+            return Ok(Applied::Moved);
+        }
+        if let Err(error) = projection.handle(std::slice::from_ref(event), &mut Tx::none()).await {
+            return Ok(Applied::Failed(error));
+        }
+        Ok(if self.remove_dead_letter(projection.name(), id).await? { Applied::Committed } else { Applied::Moved })
+    }
+
+    async fn remove_dead_letter(&self, projection: &str, id: i64) -> Result<bool> {
+        let mut state = self.state();
+        let before = state.dead_letters.len();
+        state.dead_letters.retain(|d| !(d.id == id && d.projection == projection));
+        Ok(state.dead_letters.len() < before)
+    }
+
+    async fn reset(&self, projection: &str) -> Result<()> {
+        let mut state = self.state();
+        state.checkpoints.retain(|(name, _), _| name != projection);
+        state.dead_letters.retain(|d| d.projection != projection);
+        Ok(())
+    }
+}

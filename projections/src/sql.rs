@@ -1,0 +1,43 @@
+//! SQL shared by the PostgreSQL and SQLite projection stores, written with `$n` placeholders
+//! (SQLite reads them as `?n`). Timestamps are bound by the caller: `timestamptz` on
+//! PostgreSQL, microseconds since the epoch on SQLite.
+
+/// Moves a checkpoint that exists and is at `from` ($5, $6) to `to` ($3, $4).
+pub(crate) const ADVANCE: &str = "UPDATE annal_checkpoints SET position_tx = $3, position_seq = $4, updated_at = $7, \
+     last_recorded_at = coalesce($8, last_recorded_at) \
+     WHERE projection = $1 AND partition = $2 AND position_tx = $5 AND position_seq = $6";
+
+/// Creates a checkpoint at `to` if none exists (a projection's first move, from the start).
+pub(crate) const CREATE: &str = "INSERT INTO annal_checkpoints \
+     (projection, partition, position_tx, position_seq, updated_at, last_recorded_at) \
+     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (projection, partition) DO NOTHING";
+
+pub(crate) const CHECKPOINT: &str = "SELECT position_tx, position_seq, updated_at, last_recorded_at \
+     FROM annal_checkpoints WHERE projection = $1 AND partition = $2";
+
+pub(crate) const PARK: &str = "INSERT INTO annal_dead_letters \
+     (projection, partition, event_id, stream, version, position_tx, position_seq, error, attempts, parked_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (projection, event_id) DO NOTHING";
+
+pub(crate) const DEAD_LETTERS: &str = "SELECT id, projection, partition, event_id, stream, version, position_tx, \
+     position_seq, error, attempts, parked_at FROM annal_dead_letters WHERE projection = $1 ORDER BY id";
+
+pub(crate) const REMOVE_DEAD_LETTER: &str = "DELETE FROM annal_dead_letters WHERE projection = $1 AND id = $2";
+
+pub(crate) const RESET_CHECKPOINTS: &str = "DELETE FROM annal_checkpoints WHERE projection = $1";
+
+pub(crate) const RESET_DEAD_LETTERS: &str = "DELETE FROM annal_dead_letters WHERE projection = $1";
+
+/// The SQLite spelling of a query.
+#[cfg(feature = "sqlite")]
+pub(crate) fn sqlite(sql: &'static str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(sql.replace('$', "?"))
+}
+
+pub(crate) fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or_default()
+}

@@ -1,0 +1,120 @@
+//! Where checkpoints and dead letters live: beside the events, in the same database.
+
+use annal_eventstore::{BoxError, Position, RecordedEvent, StreamName};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::{Projection, Result};
+
+/// Where a projection partition has got to.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Checkpoint {
+    /// Every selected event up to here has been handled (or parked).
+    pub position: Position,
+    /// When the checkpoint last moved.
+    pub updated_at: DateTime<Utc>,
+    /// When the last event applied was recorded (`None` before the first).
+    pub last_recorded_at: Option<DateTime<Utc>>,
+}
+
+/// An event a projection gave up on, with why.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Its id in the dead-letter table.
+    pub id: i64,
+    /// The projection that parked it.
+    pub projection: String,
+    /// The partition that parked it.
+    pub partition: u32,
+    /// The event.
+    pub event_id: Uuid,
+    /// The event's stream.
+    pub stream: StreamName,
+    /// The event's version in its stream.
+    pub version: u64,
+    /// The event's position.
+    pub position: Position,
+    /// The last error.
+    pub error: String,
+    /// How many times it was tried.
+    pub attempts: u32,
+    /// When it was parked.
+    pub parked_at: DateTime<Utc>,
+}
+
+/// What a transactional apply did.
+#[derive(Debug)]
+pub enum Applied {
+    /// Handler effects and checkpoint committed together.
+    Committed,
+    /// The checkpoint was not where this worker thought (another worker moved it): nothing was
+    /// committed.
+    Moved,
+    /// The handler failed: nothing was committed.
+    Failed(BoxError),
+}
+
+/// What the store must do for a parked event.
+#[derive(Clone, Copy, Debug)]
+pub struct Park<'a> {
+    /// The event.
+    pub event: &'a RecordedEvent,
+    /// The last error.
+    pub error: &'a str,
+    /// How many times it was tried.
+    pub attempts: u32,
+}
+
+/// Checkpoint and dead-letter storage, implemented beside each event store backend.
+///
+/// Every checkpoint move is guarded: it only happens if the checkpoint is still at `from`, so two
+/// workers can never both apply the same batch.
+#[async_trait]
+pub trait ProjectionStore: Send + Sync {
+    /// The checkpoint of a projection partition (`None`: never moved).
+    async fn checkpoint(&self, projection: &str, partition: u32) -> Result<Option<Checkpoint>>;
+
+    /// Moves a checkpoint from `from` to `to`. Returns `false` (and changes nothing) if it was
+    /// not at `from`.
+    async fn advance(
+        &self,
+        projection: &str,
+        partition: u32,
+        from: Position,
+        to: Position,
+        last_recorded_at: Option<DateTime<Utc>>,
+    ) -> Result<bool>;
+
+    /// Runs `projection.handle(events)` in a transaction that also moves the checkpoint from
+    /// `from` to `to`: exactly-once effect. Stores without transactions (memory) run the handler
+    /// and then move the checkpoint.
+    async fn apply(
+        &self,
+        projection: &dyn Projection,
+        partition: u32,
+        from: Position,
+        to: Position,
+        events: &[RecordedEvent],
+    ) -> Result<Applied>;
+
+    /// Records a dead letter and moves the checkpoint from `from` to the event's position, in one
+    /// transaction. Returns `false` (nothing written) if the checkpoint was not at `from`.
+    async fn park(&self, projection: &str, partition: u32, from: Position, park: Park<'_>) -> Result<bool>;
+
+    /// The dead letters of a projection, oldest first.
+    async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>>;
+
+    /// Applies a dead letter's event with `projection` and removes the dead letter, in one
+    /// transaction where the store has them (exactly-once). `Moved` means it was already gone.
+    async fn apply_dead_letter(&self, projection: &dyn Projection, id: i64, event: &RecordedEvent) -> Result<Applied>;
+
+    /// Removes a dead letter without applying it. Returns `false` if it was not there.
+    async fn remove_dead_letter(&self, projection: &str, id: i64) -> Result<bool>;
+
+    /// Forgets a projection's checkpoints and dead letters, so it starts again from the
+    /// beginning (a rebuild; reset the read model in the same breath).
+    async fn reset(&self, projection: &str) -> Result<()>;
+}

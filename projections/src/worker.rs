@@ -1,0 +1,381 @@
+//! The worker: follows the global log from a projection's checkpoint, applies batches under the
+//! projection's delivery guarantee, retries, parks, and records its progress and latency.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use annal_eventstore::{EventStore, Page, Position, RecordedEvent, StreamName};
+use chrono::Utc;
+use hdrhistogram::Histogram;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::projection::{Tx, validate_name};
+use crate::store::{Applied, Park, ProjectionStore};
+use crate::{Delivery, Error, OnFailure, Projection, Result, RetryPolicy};
+
+/// How a worker runs a projection.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct WorkerOptions {
+    /// How failing events are retried.
+    pub retry: RetryPolicy,
+    /// What happens to an event that still fails.
+    pub on_failure: OnFailure,
+    /// How long a caught-up worker waits for a wake-up before polling anyway.
+    pub poll_interval: Duration,
+    /// The partition this worker runs (0 for an unpartitioned projection).
+    pub partition: u32,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            retry: RetryPolicy::default(),
+            on_failure: OnFailure::default(),
+            poll_interval: Duration::from_secs(1),
+            partition: 0,
+        }
+    }
+}
+
+impl WorkerOptions {
+    /// Sets the retry policy.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sets what happens to an event that still fails.
+    pub fn on_failure(mut self, on_failure: OnFailure) -> Self {
+        self.on_failure = on_failure;
+        self
+    }
+}
+
+/// Commit-to-applied latency percentiles of the events a worker applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Latency {
+    /// Events measured.
+    pub count: u64,
+    /// Median.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// 99.9th percentile.
+    pub p999: Duration,
+    /// The slowest.
+    pub max: Duration,
+}
+
+/// What a running worker shares with whoever watches it.
+#[derive(Debug)]
+pub struct Progress {
+    position: watch::Sender<Position>,
+    latency: Mutex<Histogram<u64>>,
+}
+
+impl Progress {
+    pub(crate) fn new() -> Arc<Self> {
+        let histogram = Histogram::new(3).expect("3 significant figures is a valid precision");
+        Arc::new(Progress { position: watch::Sender::new(Position::START), latency: Mutex::new(histogram) })
+    }
+
+    /// The checkpoint the worker last reached.
+    pub fn position(&self) -> Position {
+        *self.position.borrow()
+    }
+
+    /// Waits until the checkpoint reaches `position`, or `timeout`.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if it does not in time.
+    pub async fn wait_for(&self, position: Position, timeout: Duration) -> Result<()> {
+        let mut receiver = self.position.subscribe();
+        match tokio::time::timeout(timeout, receiver.wait_for(|p| *p >= position)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(Error::Timeout { position, waited: timeout }),
+        }
+    }
+
+    /// The commit-to-applied latency of the events applied so far.
+    pub fn latency(&self) -> Latency {
+        let histogram = self.latency.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let micros = |q: f64| Duration::from_micros(histogram.value_at_quantile(q));
+        Latency {
+            count: histogram.len(),
+            p50: micros(0.5),
+            p99: micros(0.99),
+            p999: micros(0.999),
+            max: Duration::from_micros(histogram.max()),
+        }
+    }
+
+    fn reached(&self, position: Position) {
+        self.position.send_if_modified(|p| {
+            let moved = *p != position;
+            *p = position;
+            moved
+        });
+    }
+
+    fn applied(&self, events: &[RecordedEvent]) {
+        let now = Utc::now();
+        let mut histogram = self.latency.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for event in events {
+            let micros = (now - event.recorded_at).num_microseconds().unwrap_or(i64::MAX).max(0);
+            histogram.saturating_record(u64::try_from(micros).unwrap_or(u64::MAX));
+        }
+    }
+}
+
+/// Runs one projection partition.
+pub(crate) struct Worker<'a> {
+    pub(crate) events: &'a dyn EventStore,
+    pub(crate) store: &'a dyn ProjectionStore,
+    pub(crate) projection: &'a dyn Projection,
+    pub(crate) options: &'a WorkerOptions,
+    pub(crate) progress: &'a Progress,
+}
+
+/// How a batch ended.
+enum Outcome {
+    /// The checkpoint is here now.
+    At(Position),
+    /// Someone else moved the checkpoint: reload it.
+    Moved,
+}
+
+impl Worker<'_> {
+    fn name(&self) -> &str {
+        self.projection.name()
+    }
+
+    async fn load_checkpoint(&self) -> Result<Position> {
+        let position =
+            self.store.checkpoint(self.name(), self.options.partition).await?.map_or(Position::START, |c| c.position);
+        self.progress.reached(position);
+        Ok(position)
+    }
+
+    /// Streams with a parked event: their later events are parked behind it.
+    async fn parked_streams(&self) -> Result<HashSet<StreamName>> {
+        Ok(self.store.dead_letters(self.name()).await?.into_iter().map(|d| d.stream).collect())
+    }
+
+    /// Follows the log until `cancel` fires (returns `Ok`) or the projection stops on an event
+    /// that keeps failing under [`OnFailure::Stop`] (returns the error).
+    pub(crate) async fn run(&self, cancel: &CancellationToken) -> Result<()> {
+        validate_name(self.name())?;
+        let filter = self.projection.filter();
+        let batch = self.projection.batch_size().max(1);
+        let mut wakeup = self.events.wakeup();
+        let mut checkpoint = self.load_checkpoint().await?;
+        let mut failures = 0u32;
+        while !cancel.is_cancelled() {
+            wakeup.mark_seen();
+            let page = match self.events.read_all_page(checkpoint, &filter, batch).await {
+                Ok(page) => page,
+                Err(error) => {
+                    failures += 1;
+                    let pause = RetryPolicy::default().pause(failures);
+                    tracing::warn!(projection = self.name(), %error, ?pause, "reading events failed; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(pause) => continue,
+                    }
+                }
+            };
+            let outcome = if page.events.is_empty() {
+                if page.next > checkpoint {
+                    self.advance(checkpoint, page.next).await
+                } else {
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        _ = wakeup.wait(self.options.poll_interval) => continue,
+                    }
+                }
+            } else {
+                self.process(checkpoint, page, cancel).await
+            };
+            match outcome {
+                Ok(Outcome::At(position)) => {
+                    failures = 0;
+                    checkpoint = position;
+                    self.progress.reached(position);
+                }
+                Ok(Outcome::Moved) => checkpoint = self.load_checkpoint().await?,
+                Err(error @ Error::Stopped { .. }) => return Err(error),
+                Err(error) => {
+                    failures += 1;
+                    let pause = RetryPolicy::default().pause(failures);
+                    tracing::warn!(projection = self.name(), %error, ?pause, "projection store failed; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(pause) => checkpoint = self.load_checkpoint().await.unwrap_or(checkpoint),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn advance(&self, from: Position, to: Position) -> Result<Outcome> {
+        let moved = self.store.advance(self.name(), self.options.partition, from, to, None).await?;
+        Ok(if moved { Outcome::At(to) } else { Outcome::Moved })
+    }
+
+    /// Applies a page as one batch; on failure, event by event.
+    async fn process(&self, from: Position, page: Page, cancel: &CancellationToken) -> Result<Outcome> {
+        let parked = self.parked_streams().await?;
+        let blocked = page.events.iter().any(|e| parked.contains(&e.stream));
+        let partition = self.options.partition;
+        let error = match self.projection.delivery() {
+            _ if blocked => "a stream of the batch has a parked event".into(),
+            Delivery::ExactlyOnce => {
+                match self.store.apply(self.projection, partition, from, page.next, &page.events).await? {
+                    Applied::Committed => {
+                        self.progress.applied(&page.events);
+                        return Ok(Outcome::At(page.next));
+                    }
+                    Applied::Moved => return Ok(Outcome::Moved),
+                    Applied::Failed(error) => error,
+                }
+            }
+            Delivery::AtLeastOnce => match self.projection.handle(&page.events, &mut Tx::none()).await {
+                Ok(()) => {
+                    let last = page.events.last().map(|e| e.recorded_at);
+                    if !self.store.advance(self.name(), partition, from, page.next, last).await? {
+                        return Ok(Outcome::Moved);
+                    }
+                    self.progress.applied(&page.events);
+                    return Ok(Outcome::At(page.next));
+                }
+                Err(error) => error,
+            },
+            Delivery::AtMostOnce => {
+                let last = page.events.last().map(|e| e.recorded_at);
+                if !self.store.advance(self.name(), partition, from, page.next, last).await? {
+                    return Ok(Outcome::Moved);
+                }
+                match self.projection.handle(&page.events, &mut Tx::none()).await {
+                    Ok(()) => self.progress.applied(&page.events),
+                    Err(error) => tracing::error!(
+                        projection = self.name(),
+                        %error,
+                        first = %page.events[0].position,
+                        count = page.events.len(),
+                        "at-most-once batch failed; its events are not retried"
+                    ),
+                }
+                return Ok(Outcome::At(page.next));
+            }
+        };
+        tracing::debug!(projection = self.name(), %error, "batch failed; retrying event by event");
+        self.one_by_one(from, page, parked, cancel).await
+    }
+
+    async fn one_by_one(
+        &self,
+        from: Position,
+        page: Page,
+        mut parked: HashSet<StreamName>,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome> {
+        let partition = self.options.partition;
+        let policy = &self.options.retry;
+        let mut at = from;
+        for event in &page.events {
+            if parked.contains(&event.stream) {
+                let reason = format!("parked behind an earlier parked event of stream {}", event.stream);
+                if !self.park(at, event, &reason, 0).await? {
+                    return Ok(Outcome::Moved);
+                }
+                at = event.position;
+                continue;
+            }
+            let mut attempt = 1;
+            loop {
+                let result = match self.projection.delivery() {
+                    Delivery::ExactlyOnce => {
+                        self.store
+                            .apply(self.projection, partition, at, event.position, std::slice::from_ref(event))
+                            .await?
+                    }
+                    _ => match self.projection.handle(std::slice::from_ref(event), &mut Tx::none()).await {
+                        Ok(()) => {
+                            let moved = self
+                                .store
+                                .advance(self.name(), partition, at, event.position, Some(event.recorded_at))
+                                .await?;
+                            if moved { Applied::Committed } else { Applied::Moved }
+                        }
+                        Err(error) => Applied::Failed(error),
+                    },
+                };
+                match result {
+                    Applied::Committed => {
+                        self.progress.applied(std::slice::from_ref(event));
+                        at = event.position;
+                        self.progress.reached(at);
+                        break;
+                    }
+                    Applied::Moved => return Ok(Outcome::Moved),
+                    Applied::Failed(error) if attempt >= policy.attempts => {
+                        let error = error.to_string();
+                        match self.options.on_failure {
+                            OnFailure::Stop => {
+                                return Err(Error::Stopped {
+                                    projection: self.name().to_owned(),
+                                    event_id: event.id,
+                                    position: event.position,
+                                    attempts: attempt,
+                                    reason: error,
+                                });
+                            }
+                            OnFailure::Park => {
+                                tracing::warn!(
+                                    projection = self.name(),
+                                    event = %event.id,
+                                    position = %event.position,
+                                    attempts = attempt,
+                                    %error,
+                                    "parking an event that keeps failing"
+                                );
+                                if !self.park(at, event, &error, attempt).await? {
+                                    return Ok(Outcome::Moved);
+                                }
+                                parked.insert(event.stream.clone());
+                                at = event.position;
+                                break;
+                            }
+                        }
+                    }
+                    Applied::Failed(error) => {
+                        let pause = policy.pause(attempt);
+                        tracing::debug!(projection = self.name(), event = %event.id, attempt, %error, ?pause, "retrying");
+                        tokio::select! {
+                            // Every attempt is atomic, so stopping between two leaves nothing half done.
+                            () = cancel.cancelled() => return Ok(Outcome::At(at)),
+                            () = tokio::time::sleep(pause) => {}
+                        }
+                        attempt += 1;
+                    }
+                }
+            }
+        }
+        if page.next > at {
+            if !self.store.advance(self.name(), partition, at, page.next, None).await? {
+                return Ok(Outcome::Moved);
+            }
+            at = page.next;
+        }
+        Ok(Outcome::At(at))
+    }
+
+    async fn park(&self, at: Position, event: &RecordedEvent, error: &str, attempts: u32) -> Result<bool> {
+        self.store.park(self.name(), self.options.partition, at, Park { event, error, attempts }).await
+    }
+}

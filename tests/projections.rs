@@ -1,0 +1,414 @@
+//! Projections on every backend: exactly-once read models, retries without double effects,
+//! poison events parked with the rest flowing, dead-letter retries applied once, selective
+//! consumers whose checkpoints keep up, stop-and-resume, and lag.
+#![cfg(feature = "projections")]
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use annal::projections::{
+    Applied, Delivery, Error, OnFailure, Projection, ProjectionRunner, ProjectionStore, RetryPolicy, Tx, WorkerOptions,
+    retry_dead_letter,
+};
+use annal::{BoxError, EventStore, ExpectedVersion, Filter, NewEvent, Position, RecordedEvent, StreamName};
+use serde_json::json;
+use uuid::Uuid;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A read model of every event applied, keyed by event id, so applying one twice fails loudly
+/// (a primary-key violation in SQL, a panic in memory).
+struct Ledger {
+    name: &'static str,
+    filter: Filter,
+    delivery: Delivery,
+    /// Event ids that fail, with how many more times (u32::MAX: always).
+    failing: Mutex<HashMap<Uuid, u32>>,
+    /// Every attempt per event id.
+    attempts: Mutex<HashMap<Uuid, u32>>,
+    /// The in-memory read model (used when there is no transaction).
+    memory: Mutex<HashSet<Uuid>>,
+    fixed: AtomicBool,
+}
+
+impl Ledger {
+    fn new(name: &'static str) -> Self {
+        Ledger {
+            name,
+            filter: Filter::all(),
+            delivery: Delivery::ExactlyOnce,
+            failing: Mutex::default(),
+            attempts: Mutex::default(),
+            memory: Mutex::default(),
+            fixed: AtomicBool::new(false),
+        }
+    }
+
+    fn fail(&self, id: Uuid, times: u32) {
+        self.failing.lock().unwrap().insert(id, times);
+    }
+
+    fn attempts(&self, id: Uuid) -> u32 {
+        self.attempts.lock().unwrap().get(&id).copied().unwrap_or(0)
+    }
+}
+
+#[annal::async_trait]
+impl Projection for Ledger {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn filter(&self) -> Filter {
+        self.filter.clone()
+    }
+    fn delivery(&self) -> Delivery {
+        self.delivery
+    }
+    fn batch_size(&self) -> usize {
+        50
+    }
+    async fn handle(&self, events: &[RecordedEvent], tx: &mut Tx<'_>) -> Result<(), BoxError> {
+        for event in events {
+            *self.attempts.lock().unwrap().entry(event.id).or_default() += 1;
+            if !self.fixed.load(Ordering::SeqCst) {
+                let mut failing = self.failing.lock().unwrap();
+                if let Some(left) = failing.get_mut(&event.id).filter(|left| **left > 0) {
+                    *left = left.saturating_sub(if *left == u32::MAX { 0 } else { 1 });
+                    return Err(format!("event {} is poison", event.id).into());
+                }
+            }
+        }
+        let table = format!("ledger_{}", self.name);
+        match tx {
+            #[cfg(feature = "postgres")]
+            Tx::Postgres(conn) => {
+                let create = format!("CREATE TABLE IF NOT EXISTS {table} (event_id uuid PRIMARY KEY, stream text)");
+                sqlx::query(sqlx::AssertSqlSafe(create)).execute(&mut **conn).await?;
+                for event in events {
+                    let insert = format!("INSERT INTO {table} VALUES ($1, $2)");
+                    sqlx::query(sqlx::AssertSqlSafe(insert))
+                        .bind(event.id)
+                        .bind(event.stream.as_str())
+                        .execute(&mut **conn)
+                        .await?;
+                }
+            }
+            #[cfg(feature = "sqlite")]
+            Tx::Sqlite(conn) => {
+                let create = format!("CREATE TABLE IF NOT EXISTS {table} (event_id BLOB PRIMARY KEY, stream TEXT)");
+                sqlx::query(sqlx::AssertSqlSafe(create)).execute(&mut **conn).await?;
+                for event in events {
+                    let insert = format!("INSERT INTO {table} VALUES (?, ?)");
+                    sqlx::query(sqlx::AssertSqlSafe(insert))
+                        .bind(event.id)
+                        .bind(event.stream.as_str())
+                        .execute(&mut **conn)
+                        .await?;
+                }
+            }
+            _ => {
+                let mut memory = self.memory.lock().unwrap();
+                for event in events {
+                    assert!(memory.insert(event.id), "event {} applied twice", event.id);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a ledger's read model: its name, the projection (for the in-memory one).
+type ReadLedger = dyn Fn(&'static str, Arc<Ledger>) -> futures::future::BoxFuture<'static, HashSet<Uuid>> + Send + Sync;
+
+/// One backend under test: the event store, the projection store, and a way to read a ledger.
+#[derive(Clone)]
+struct Backend {
+    events: Arc<dyn EventStore>,
+    store: Arc<dyn ProjectionStore>,
+    read: Arc<ReadLedger>,
+}
+
+impl Backend {
+    async fn ledger(&self, projection: &Arc<Ledger>) -> HashSet<Uuid> {
+        (self.read)(projection.name, projection.clone()).await
+    }
+}
+
+fn memory() -> Backend {
+    Backend {
+        events: Arc::new(annal::MemoryEventStore::new()),
+        store: Arc::new(annal::projections::MemoryProjectionStore::new()),
+        read: Arc::new(|_, ledger| Box::pin(async move { ledger.memory.lock().unwrap().clone() })),
+    }
+}
+
+#[cfg(feature = "sqlite")]
+async fn sqlite() -> (Backend, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let events = annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap();
+    let store = annal::projections::SqliteProjectionStore::new(&events).await.unwrap();
+    let pool = events.writer().clone();
+    let backend = Backend {
+        events: Arc::new(events),
+        store: Arc::new(store),
+        read: Arc::new(move |name, _| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                let sql = format!("SELECT event_id FROM ledger_{name}");
+                sqlx::query_scalar::<_, Uuid>(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect()
+            })
+        }),
+    };
+    (backend, dir)
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres() -> Backend {
+    let events = support::pg::fresh_store().await;
+    let store = annal::projections::PgProjectionStore::new(&events).await.unwrap();
+    let pool = events.pool().clone();
+    Backend {
+        events: Arc::new(events),
+        store: Arc::new(store),
+        read: Arc::new(move |name, _| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                let sql = format!("SELECT event_id FROM ledger_{name}");
+                sqlx::query_scalar::<_, Uuid>(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect()
+            })
+        }),
+    }
+}
+
+macro_rules! backends {
+    ($($case:ident),* $(,)?) => {
+        mod on_memory {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() { super::$case(super::memory()).await; })*
+        }
+        #[cfg(feature = "sqlite")]
+        mod on_sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() { let (backend, _dir) = super::sqlite().await; super::$case(backend).await; })*
+        }
+        #[cfg(feature = "postgres")]
+        mod on_postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() { super::$case(super::postgres().await).await; })*
+        }
+    };
+}
+
+backends!(
+    exactly_once_read_model_matches_the_log,
+    transient_failures_are_retried_without_double_effects,
+    poison_events_are_parked_and_the_rest_flows,
+    selective_projections_keep_their_checkpoint_moving,
+    stop_policy_stops_and_a_restart_resumes,
+);
+
+fn quick_retries() -> WorkerOptions {
+    WorkerOptions::default().retry(RetryPolicy::default().initial(Duration::from_millis(1)))
+}
+
+/// Appends `count` single-event appends spread over `streams` streams of `category`; returns
+/// the ids and the last position.
+async fn append(events: &dyn EventStore, category: &str, streams: usize, count: usize) -> (Vec<Uuid>, Position) {
+    let mut ids = Vec::new();
+    let mut last = Position::START;
+    for i in 0..count {
+        let stream = StreamName::from_parts(category, i % streams).unwrap();
+        let event = NewEvent::new("Happened", json!({ "i": i }));
+        ids.push(event.id);
+        last = events.append(&stream, ExpectedVersion::Any, vec![event]).await.unwrap().position();
+    }
+    (ids, last)
+}
+
+async fn exactly_once_read_model_matches_the_log(backend: Backend) {
+    let (mut ids, _) = append(&*backend.events, "order", 7, 120).await;
+    let ledger = Arc::new(Ledger::new("exact"));
+    let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(ledger.clone(), quick_retries())
+        .unwrap()
+        .start();
+    let (more, last) = append(&*backend.events, "order", 7, 80).await;
+    ids.extend(more);
+    running.wait_for("exact", last, PATIENCE).await.unwrap();
+    assert_eq!(backend.ledger(&ledger).await, ids.iter().copied().collect::<HashSet<_>>());
+    let lag = running.lag("exact").await.unwrap();
+    assert_eq!((lag.events_behind, lag.checkpoint), (0, last));
+    assert_eq!(lag.latency.count, 200);
+    assert!(lag.latency.p50 <= lag.latency.p99 && lag.latency.p99 <= lag.latency.max);
+    running.shutdown().await.unwrap();
+    // A restart resumes from the checkpoint: nothing is applied twice (the ledger's key would
+    // refuse it), and new events are applied.
+    let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(ledger.clone(), quick_retries())
+        .unwrap()
+        .start();
+    let (more, last) = append(&*backend.events, "order", 3, 10).await;
+    ids.extend(more);
+    running.wait_for("exact", last, PATIENCE).await.unwrap();
+    running.shutdown().await.unwrap();
+    assert_eq!(backend.ledger(&ledger).await.len(), ids.len());
+}
+
+async fn transient_failures_are_retried_without_double_effects(backend: Backend) {
+    let (ids, last) = append(&*backend.events, "order", 5, 60).await;
+    let ledger = Arc::new(Ledger::new("transient"));
+    // Fails twice, in the middle of a batch: the batch rolls back, then event by event.
+    ledger.fail(ids[30], 2);
+    let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(ledger.clone(), quick_retries())
+        .unwrap()
+        .start();
+    running.wait_for("transient", last, PATIENCE).await.unwrap();
+    running.shutdown().await.unwrap();
+    assert_eq!(backend.ledger(&ledger).await, ids.iter().copied().collect::<HashSet<_>>());
+    assert!(backend.store.dead_letters("transient").await.unwrap().is_empty());
+    // Failing once in its batch and once alone, then succeeding alone.
+    assert_eq!(ledger.attempts(ids[30]), 3);
+}
+
+async fn poison_events_are_parked_and_the_rest_flows(backend: Backend) {
+    // Event 12 is of stream order-2 (12 % 5); later events of order-2 must wait behind it.
+    let (ids, last) = append(&*backend.events, "order", 5, 40).await;
+    let ledger = Arc::new(Ledger::new("poison"));
+    ledger.fail(ids[12], u32::MAX);
+    let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(ledger.clone(), quick_retries())
+        .unwrap()
+        .start();
+    running.wait_for("poison", last, PATIENCE).await.unwrap();
+    assert!(running.is_running("poison").unwrap());
+    let parked = backend.store.dead_letters("poison").await.unwrap();
+    // The poison event, then the later events of its stream, in order.
+    let parked_ids: Vec<Uuid> = parked.iter().map(|d| d.event_id).collect();
+    let expected: Vec<Uuid> = (12..40).step_by(5).map(|i| ids[i]).collect();
+    assert_eq!(parked_ids, expected);
+    assert_eq!(parked[0].attempts, 7, "retried 7 times in all before parking");
+    assert!(parked[0].error.contains("poison"), "{}", parked[0].error);
+    assert_eq!(ledger.attempts(ids[12]), 1 + 7, "once in its batch, then 7 attempts alone");
+    let applied = backend.ledger(&ledger).await;
+    let others: HashSet<Uuid> = ids.iter().copied().filter(|id| !expected.contains(id)).collect();
+    assert_eq!(applied, others, "every other event flowed on");
+
+    // Retrying out of order is refused; after the fix, retries apply each once, in order.
+    let err = retry_dead_letter(&*backend.events, &*backend.store, &*ledger, parked[1].id).await.unwrap_err();
+    assert!(matches!(err, Error::OutOfOrder { .. }), "{err}");
+    assert!(matches!(
+        retry_dead_letter(&*backend.events, &*backend.store, &*ledger, parked[0].id).await.unwrap(),
+        Applied::Failed(_)
+    ));
+    ledger.fixed.store(true, Ordering::SeqCst);
+    for dead in &parked {
+        let applied = retry_dead_letter(&*backend.events, &*backend.store, &*ledger, dead.id).await.unwrap();
+        assert!(matches!(applied, Applied::Committed), "{applied:?}");
+        // A second retry of the same dead letter finds nothing to do.
+        assert!(retry_dead_letter(&*backend.events, &*backend.store, &*ledger, dead.id).await.is_err());
+    }
+    assert!(backend.store.dead_letters("poison").await.unwrap().is_empty());
+    assert_eq!(backend.ledger(&ledger).await, ids.iter().copied().collect::<HashSet<_>>());
+    running.shutdown().await.unwrap();
+}
+
+async fn selective_projections_keep_their_checkpoint_moving(backend: Backend) {
+    let (wanted, _) = append(&*backend.events, "wanted", 2, 10).await;
+    let mut ledger = Ledger::new("selective");
+    ledger.filter = Filter::categories(["wanted"]);
+    let ledger = Arc::new(ledger);
+    let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(ledger.clone(), quick_retries())
+        .unwrap()
+        .start();
+    // Many events it does not want: its checkpoint must still reach the head.
+    let (_, last) = append(&*backend.events, "other", 4, 150).await;
+    running.wait_for("selective", last, PATIENCE).await.unwrap();
+    assert_eq!(backend.ledger(&ledger).await, wanted.into_iter().collect::<HashSet<_>>());
+    let lag = running.lag("selective").await.unwrap();
+    assert_eq!(lag.events_behind, 0);
+    assert_eq!(lag.time_behind, Duration::ZERO);
+    running.shutdown().await.unwrap();
+}
+
+async fn stop_policy_stops_and_a_restart_resumes(backend: Backend) {
+    let (ids, last) = append(&*backend.events, "order", 3, 30).await;
+    let ledger = Arc::new(Ledger::new("stopping"));
+    ledger.fail(ids[20], u32::MAX);
+    let options = quick_retries().on_failure(OnFailure::Stop);
+    let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(ledger.clone(), options.clone())
+        .unwrap()
+        .start();
+    // It stops at event 20, having applied everything before it, and reports why.
+    let err = running.wait_for("stopping", last, Duration::from_secs(5)).await;
+    assert!(err.is_err());
+    assert!(!running.is_running("stopping").unwrap());
+    match running.shutdown().await {
+        Err(Error::Stopped { event_id, attempts, .. }) => assert_eq!((event_id, attempts), (ids[20], 7)),
+        other => panic!("expected the projection to have stopped, got {other:?}"),
+    }
+    assert_eq!(backend.ledger(&ledger).await, ids[..20].iter().copied().collect::<HashSet<_>>());
+    let lag_checkpoint = backend.store.checkpoint("stopping", 0).await.unwrap().unwrap().position;
+    assert!(lag_checkpoint < last);
+    // Fixed and restarted, it resumes at the event it stopped on.
+    ledger.fixed.store(true, Ordering::SeqCst);
+    let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(ledger.clone(), options)
+        .unwrap()
+        .start();
+    running.wait_for("stopping", last, PATIENCE).await.unwrap();
+    running.shutdown().await.unwrap();
+    assert_eq!(backend.ledger(&ledger).await, ids.iter().copied().collect::<HashSet<_>>());
+}
+
+#[tokio::test]
+async fn at_least_once_redelivers_and_at_most_once_does_not() {
+    for (delivery, redelivered) in [(Delivery::AtLeastOnce, true), (Delivery::AtMostOnce, false)] {
+        let backend = memory();
+        let (ids, last) = append(&*backend.events, "order", 2, 10).await;
+        let mut ledger = Ledger::new("modes");
+        ledger.delivery = delivery;
+        let ledger = Arc::new(ledger);
+        ledger.fail(ids[5], 1);
+        let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+            .with(ledger.clone(), quick_retries())
+            .unwrap()
+            .start();
+        running.wait_for("modes", last, PATIENCE).await.unwrap();
+        running.shutdown().await.unwrap();
+        let applied = backend.ledger(&ledger).await;
+        // The failing batch was the whole page: retried event by event at least once, dropped
+        // at most once.
+        assert_eq!(applied.contains(&ids[5]), redelivered, "{delivery:?}");
+        assert_eq!(applied.len(), if redelivered { 10 } else { 0 }, "{delivery:?}");
+    }
+}
+
+#[tokio::test]
+async fn names_are_validated_and_unique() {
+    let backend = memory();
+    let bad = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(Arc::new(Ledger::new("Bad Name")), WorkerOptions::default());
+    assert!(matches!(bad, Err(Error::InvalidName { .. })));
+    let twice = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(Arc::new(Ledger::new("same")), WorkerOptions::default())
+        .unwrap()
+        .with(Arc::new(Ledger::new("same")), WorkerOptions::default());
+    assert!(matches!(twice, Err(Error::DuplicateName(_))));
+}
