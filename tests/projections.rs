@@ -412,3 +412,131 @@ async fn names_are_validated_and_unique() {
         .with(Arc::new(Ledger::new("same")), WorkerOptions::default());
     assert!(matches!(twice, Err(Error::DuplicateName(_))));
 }
+
+/// A ledger split into partitions.
+struct Partitioned(Arc<Ledger>);
+
+#[annal::async_trait]
+impl Projection for Partitioned {
+    fn name(&self) -> &str {
+        self.0.name
+    }
+    fn partitions(&self) -> u32 {
+        4
+    }
+    fn batch_size(&self) -> usize {
+        20
+    }
+    async fn handle(&self, events: &[RecordedEvent], tx: &mut Tx<'_>) -> Result<(), BoxError> {
+        self.0.handle(events, tx).await
+    }
+}
+
+/// Waits until `check` holds for the projection's leases.
+async fn leases_until(
+    store: &dyn ProjectionStore,
+    name: &str,
+    what: &str,
+    check: impl Fn(&[annal::projections::Lease]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let leases = store.leases(name).await.unwrap();
+        let live: Vec<_> = leases.into_iter().filter(|l| l.expires_at > chrono::Utc::now()).collect();
+        if check(&live) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: leases stayed {live:?}");
+        // Lease rounds run on a timer; this polls their outcome.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn owned_by<'a>(leases: &'a [annal::projections::Lease], owner: &'a str) -> usize {
+    leases.iter().filter(|l| l.owner == owner).count()
+}
+
+async fn partitions_are_shared_and_taken_over(backend: Backend) {
+    const LEASE: Duration = Duration::from_millis(600);
+    let projection = Arc::new(Partitioned(Arc::new(Ledger::new("shared"))));
+    let runner = |owner: &str| {
+        ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+            .owner(owner)
+            .lease(LEASE)
+            .with(projection.clone(), quick_retries())
+            .unwrap()
+            .start()
+    };
+    let (mut ids, _) = append(&*backend.events, "order", 16, 100).await;
+    let a = runner("runner-a");
+    leases_until(&*backend.store, "shared", "a alone takes all", |l| owned_by(l, "runner-a") == 4).await;
+    // A second runner joins: the first hands over half.
+    let b = runner("runner-b");
+    leases_until(&*backend.store, "shared", "rebalanced", |l| {
+        owned_by(l, "runner-a") == 2 && owned_by(l, "runner-b") == 2
+    })
+    .await;
+    let (more, last) = append(&*backend.events, "order", 16, 100).await;
+    ids.extend(more);
+    a.wait_for("shared", last, PATIENCE).await.unwrap();
+    // The second one dies without a word: the first takes its partitions once their leases
+    // expire, and finishes the work exactly.
+    b.crash().await;
+    let (more, last) = append(&*backend.events, "order", 16, 100).await;
+    ids.extend(more);
+    let started = tokio::time::Instant::now();
+    leases_until(&*backend.store, "shared", "taken over", |l| owned_by(l, "runner-a") == 4).await;
+    let took = started.elapsed();
+    assert!(took < LEASE * 3, "takeover took {took:?} with a {LEASE:?} lease");
+    a.wait_for("shared", last, PATIENCE).await.unwrap();
+    a.shutdown().await.unwrap();
+    assert_eq!(backend.ledger(&projection.0).await, ids.iter().copied().collect::<HashSet<_>>());
+    // Shut down gracefully, a runner hands its partitions over at once.
+    let leases = backend.store.leases("shared").await.unwrap();
+    assert!(leases.iter().all(|l| l.expires_at <= chrono::Utc::now()), "{leases:?}");
+}
+
+async fn a_writer_that_lost_its_lease_writes_nothing(backend: Backend) {
+    let store = &*backend.store;
+    let ledger = Ledger::new("fenced");
+    let (_, last) = append(&*backend.events, "order", 2, 3).await;
+    let page = backend.events.read_all_page(Position::START, &Filter::all(), 10).await.unwrap();
+    let old = store.acquire_lease("fenced", 0, "old", Duration::from_millis(1)).await.unwrap().unwrap();
+    // Waiting out a 1 ms lease is the point of this test, not synchronisation.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let new = store.acquire_lease("fenced", 0, "new", Duration::from_secs(60)).await.unwrap().expect("expired lease");
+    assert!(new.token > old.token);
+    assert!(store.acquire_lease("fenced", 0, "old", Duration::from_secs(60)).await.unwrap().is_none());
+    assert!(!store.renew_lease("fenced", 0, &old, Duration::from_secs(60)).await.unwrap());
+    // The old holder's writes are refused, and its read-model writes rolled back.
+    let applied = store.apply(&ledger, 0, Position::START, last, &page.events, Some(&old)).await.unwrap();
+    assert!(matches!(applied, Applied::Moved), "{applied:?}");
+    assert!(!store.advance("fenced", 0, Position::START, last, None, Some(&old)).await.unwrap());
+    assert_eq!(store.checkpoint("fenced", 0).await.unwrap(), None);
+    // The new holder's go through.
+    let applied = store.apply(&ledger, 0, Position::START, last, &page.events, Some(&new)).await.unwrap();
+    assert!(matches!(applied, Applied::Committed), "{applied:?}");
+    assert_eq!(store.checkpoint("fenced", 0).await.unwrap().unwrap().position, last);
+}
+
+mod leases {
+    macro_rules! lease_backends {
+        ($($case:ident),*) => {
+            mod on_memory {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() { super::super::$case(super::super::memory()).await; })*
+            }
+            #[cfg(feature = "sqlite")]
+            mod on_sqlite {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() { let (backend, _dir) = super::super::sqlite().await; super::super::$case(backend).await; })*
+            }
+            #[cfg(feature = "postgres")]
+            mod on_postgres {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() { super::super::$case(super::super::postgres().await).await; })*
+            }
+        };
+    }
+    lease_backends!(partitions_are_shared_and_taken_over, a_writer_that_lost_its_lease_writes_nothing);
+}

@@ -40,8 +40,8 @@ pub use crate::retry::{OnFailure, RetryPolicy};
 pub use crate::runner::{Lag, ProjectionRunner, RunningProjections};
 #[cfg(feature = "sqlite")]
 pub use crate::sqlite::SqliteProjectionStore;
-pub use crate::store::{Applied, Checkpoint, DeadLetter, Park, ProjectionStore};
-pub use crate::worker::{Latency, Progress, WorkerOptions};
+pub use crate::store::{Applied, Checkpoint, DeadLetter, Fence, Lease, Park, ProjectionStore};
+pub use crate::worker::{Latency, Progress, WorkerOptions, partition_of};
 
 /// `Result` with the projections' [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

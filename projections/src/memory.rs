@@ -2,13 +2,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use annal_eventstore::{Position, RecordedEvent};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::projection::Tx;
-use crate::store::{Applied, Checkpoint, DeadLetter, Park, ProjectionStore};
+use crate::store::{Applied, Checkpoint, DeadLetter, Fence, Lease, Park, ProjectionStore};
 use crate::{Projection, Result};
 
 /// Checkpoints and dead letters in memory. Without transactions, [`ProjectionStore::apply`]
@@ -24,6 +25,8 @@ struct State {
     checkpoints: HashMap<(String, u32), Checkpoint>,
     dead_letters: Vec<DeadLetter>,
     next_id: i64,
+    leases: HashMap<(String, u32), Lease>,
+    runners: HashMap<String, DateTime<Utc>>,
 }
 
 impl MemoryProjectionStore {
@@ -38,6 +41,14 @@ impl MemoryProjectionStore {
 }
 
 impl State {
+    fn holds(&self, projection: &str, partition: u32, fence: Option<&Fence>) -> bool {
+        fence.is_none_or(|fence| {
+            self.leases
+                .get(&(projection.to_owned(), partition))
+                .is_some_and(|l| l.owner == fence.owner && l.token == fence.token)
+        })
+    }
+
     fn advance(
         &mut self,
         projection: &str,
@@ -45,7 +56,11 @@ impl State {
         from: Position,
         to: Position,
         last: Option<DateTime<Utc>>,
+        fence: Option<&Fence>,
     ) -> bool {
+        if !self.holds(projection, partition, fence) {
+            return false;
+        }
         let key = (projection.to_owned(), partition);
         let current = self.checkpoints.get(&key).map_or(Position::START, |c| c.position);
         if current != from {
@@ -71,8 +86,9 @@ impl ProjectionStore for MemoryProjectionStore {
         from: Position,
         to: Position,
         last_recorded_at: Option<DateTime<Utc>>,
+        fence: Option<&Fence>,
     ) -> Result<bool> {
-        Ok(self.state().advance(projection, partition, from, to, last_recorded_at))
+        Ok(self.state().advance(projection, partition, from, to, last_recorded_at, fence))
     }
 
     async fn apply(
@@ -82,25 +98,33 @@ impl ProjectionStore for MemoryProjectionStore {
         from: Position,
         to: Position,
         events: &[RecordedEvent],
+        fence: Option<&Fence>,
     ) -> Result<Applied> {
         let current = self.checkpoint(projection.name(), partition).await?.map_or(Position::START, |c| c.position);
-        if current != from {
+        if current != from || !self.state().holds(projection.name(), partition, fence) {
             return Ok(Applied::Moved);
         }
         if let Err(error) = projection.handle(events, &mut Tx::none()).await {
             return Ok(Applied::Failed(error));
         }
         let last = events.last().map(|e| e.recorded_at);
-        Ok(if self.state().advance(projection.name(), partition, from, to, last) {
+        Ok(if self.state().advance(projection.name(), partition, from, to, last, fence) {
             Applied::Committed
         } else {
             Applied::Moved
         })
     }
 
-    async fn park(&self, projection: &str, partition: u32, from: Position, park: Park<'_>) -> Result<bool> {
+    async fn park(
+        &self,
+        projection: &str,
+        partition: u32,
+        from: Position,
+        park: Park<'_>,
+        fence: Option<&Fence>,
+    ) -> Result<bool> {
         let mut state = self.state();
-        if !state.advance(projection, partition, from, park.event.position, None) {
+        if !state.advance(projection, partition, from, park.event.position, None, fence) {
             return Ok(false);
         }
         state.next_id += 1;
@@ -141,6 +165,69 @@ impl ProjectionStore for MemoryProjectionStore {
         let before = state.dead_letters.len();
         state.dead_letters.retain(|d| !(d.id == id && d.projection == projection));
         Ok(state.dead_letters.len() < before)
+    }
+
+    async fn acquire_lease(
+        &self,
+        projection: &str,
+        partition: u32,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<Fence>> {
+        let mut state = self.state();
+        let now = Utc::now();
+        let key = (projection.to_owned(), partition);
+        let token = match state.leases.get(&key) {
+            Some(lease) if lease.owner != owner && lease.expires_at >= now => return Ok(None),
+            Some(lease) => lease.token + 1,
+            None => 1,
+        };
+        let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        state.leases.insert(key, Lease { partition, owner: owner.to_owned(), token, expires_at });
+        Ok(Some(Fence { owner: owner.to_owned(), token }))
+    }
+
+    async fn renew_lease(&self, projection: &str, partition: u32, fence: &Fence, ttl: Duration) -> Result<bool> {
+        let mut state = self.state();
+        match state.leases.get_mut(&(projection.to_owned(), partition)) {
+            Some(lease) if lease.owner == fence.owner && lease.token == fence.token => {
+                lease.expires_at = Utc::now() + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release_lease(&self, projection: &str, partition: u32, fence: &Fence) -> Result<()> {
+        let mut state = self.state();
+        if let Some(lease) = state.leases.get_mut(&(projection.to_owned(), partition))
+            && lease.owner == fence.owner
+            && lease.token == fence.token
+        {
+            lease.expires_at = DateTime::<Utc>::MIN_UTC;
+        }
+        Ok(())
+    }
+
+    async fn leases(&self, projection: &str) -> Result<Vec<Lease>> {
+        let state = self.state();
+        let mut leases: Vec<Lease> =
+            state.leases.iter().filter(|((p, _), _)| p == projection).map(|(_, l)| l.clone()).collect();
+        leases.sort_by_key(|l| l.partition);
+        Ok(leases)
+    }
+
+    async fn register_runner(&self, owner: &str, ttl: Duration) -> Result<usize> {
+        let mut state = self.state();
+        let now = Utc::now();
+        state.runners.insert(owner.to_owned(), now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX));
+        state.runners.retain(|_, expires| *expires >= now);
+        Ok(state.runners.len())
+    }
+
+    async fn deregister_runner(&self, owner: &str) -> Result<()> {
+        self.state().runners.remove(owner);
+        Ok(())
     }
 
     async fn reset(&self, projection: &str) -> Result<()> {

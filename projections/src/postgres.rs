@@ -2,6 +2,8 @@
 //! effect through one transaction for read model and checkpoint.
 
 use annal_eventstore::{PgEventStore, Position, RecordedEvent, StreamName};
+use std::time::Duration;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -9,7 +11,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow};
 
 use crate::projection::Tx;
 use crate::sql::{self, to_i64, to_u64};
-use crate::store::{Applied, Checkpoint, DeadLetter, Park, ProjectionStore};
+use crate::store::{Applied, Checkpoint, DeadLetter, Fence, Lease, Park, ProjectionStore};
 use crate::{Error, Projection, Result};
 
 /// Checkpoints and dead letters in PostgreSQL, beside a [`PgEventStore`]'s events.
@@ -42,7 +44,9 @@ async fn advance_on(
     from: Position,
     to: Position,
     last: Option<DateTime<Utc>>,
+    fence: Option<&Fence>,
 ) -> Result<bool> {
+    let (owner, token) = (fence.map(|f| f.owner.as_str()), fence.map(|f| to_i64(f.token)));
     let now = Utc::now();
     let partition = i32::try_from(partition).unwrap_or(i32::MAX);
     let updated = sqlx::query(sql::ADVANCE)
@@ -54,6 +58,8 @@ async fn advance_on(
         .bind(to_i64(from.sequence()))
         .bind(now)
         .bind(last)
+        .bind(owner)
+        .bind(token)
         .execute(&mut *conn)
         .await?
         .rows_affected();
@@ -67,6 +73,8 @@ async fn advance_on(
         .bind(to_i64(to.sequence()))
         .bind(now)
         .bind(last)
+        .bind(owner)
+        .bind(token)
         .execute(&mut *conn)
         .await?
         .rows_affected();
@@ -114,9 +122,10 @@ impl ProjectionStore for PgProjectionStore {
         from: Position,
         to: Position,
         last_recorded_at: Option<DateTime<Utc>>,
+        fence: Option<&Fence>,
     ) -> Result<bool> {
         let mut conn = self.pool.acquire().await?;
-        advance_on(&mut conn, projection, partition, from, to, last_recorded_at).await
+        advance_on(&mut conn, projection, partition, from, to, last_recorded_at, fence).await
     }
 
     async fn apply(
@@ -126,12 +135,13 @@ impl ProjectionStore for PgProjectionStore {
         from: Position,
         to: Position,
         events: &[RecordedEvent],
+        fence: Option<&Fence>,
     ) -> Result<Applied> {
         let mut tx = self.pool.begin().await?;
         // The checkpoint moves first: its row lock makes a second worker on this partition wait
         // here, then find the checkpoint moved and apply nothing.
         let last = events.last().map(|e| e.recorded_at);
-        if !advance_on(&mut tx, projection.name(), partition, from, to, last).await? {
+        if !advance_on(&mut tx, projection.name(), partition, from, to, last, fence).await? {
             return Ok(Applied::Moved);
         }
         if let Err(error) = projection.handle(events, &mut Tx::Postgres(&mut tx)).await {
@@ -142,10 +152,17 @@ impl ProjectionStore for PgProjectionStore {
         Ok(Applied::Committed)
     }
 
-    async fn park(&self, projection: &str, partition: u32, from: Position, park: Park<'_>) -> Result<bool> {
+    async fn park(
+        &self,
+        projection: &str,
+        partition: u32,
+        from: Position,
+        park: Park<'_>,
+        fence: Option<&Fence>,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let event = park.event;
-        if !advance_on(&mut tx, projection, partition, from, event.position, None).await? {
+        if !advance_on(&mut tx, projection, partition, from, event.position, None, fence).await? {
             return Ok(false);
         }
         sqlx::query(sql::PARK)
@@ -192,6 +209,95 @@ impl ProjectionStore for PgProjectionStore {
     async fn remove_dead_letter(&self, projection: &str, id: i64) -> Result<bool> {
         let removed = sqlx::query(sql::REMOVE_DEAD_LETTER).bind(projection).bind(id).execute(&self.pool).await?;
         Ok(removed.rows_affected() == 1)
+    }
+
+    async fn acquire_lease(
+        &self,
+        projection: &str,
+        partition: u32,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<Fence>> {
+        // The database's clock decides expiry, so runners on machines whose clocks disagree
+        // still agree on who holds what.
+        let token: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO annal_leases (projection, partition, owner, token, expires_at) \
+             VALUES ($1, $2, $3, 1, clock_timestamp() + $4 * interval '1 millisecond') \
+             ON CONFLICT (projection, partition) DO UPDATE \
+                 SET owner = excluded.owner, token = annal_leases.token + 1, expires_at = excluded.expires_at \
+                 WHERE annal_leases.expires_at < clock_timestamp() OR annal_leases.owner = excluded.owner \
+             RETURNING token",
+        )
+        .bind(projection)
+        .bind(i32::try_from(partition).unwrap_or(i32::MAX))
+        .bind(owner)
+        .bind(ttl.as_secs_f64() * 1e3)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(token.map(|token| Fence { owner: owner.to_owned(), token: to_u64(token) }))
+    }
+
+    async fn renew_lease(&self, projection: &str, partition: u32, fence: &Fence, ttl: Duration) -> Result<bool> {
+        let renewed = sqlx::query(
+            "UPDATE annal_leases SET expires_at = clock_timestamp() + $5 * interval '1 millisecond' \
+             WHERE projection = $1 AND partition = $2 AND owner = $3 AND token = $4",
+        )
+        .bind(projection)
+        .bind(i32::try_from(partition).unwrap_or(i32::MAX))
+        .bind(&fence.owner)
+        .bind(to_i64(fence.token))
+        .bind(ttl.as_secs_f64() * 1e3)
+        .execute(&self.pool)
+        .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    async fn release_lease(&self, projection: &str, partition: u32, fence: &Fence) -> Result<()> {
+        sqlx::query(
+            "UPDATE annal_leases SET expires_at = clock_timestamp() - interval '1 second' \
+             WHERE projection = $1 AND partition = $2 AND owner = $3 AND token = $4",
+        )
+        .bind(projection)
+        .bind(i32::try_from(partition).unwrap_or(i32::MAX))
+        .bind(&fence.owner)
+        .bind(to_i64(fence.token))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn leases(&self, projection: &str) -> Result<Vec<Lease>> {
+        let rows = sqlx::query(sql::LEASES).bind(projection).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Lease {
+                    partition: u32::try_from(row.try_get::<i32, _>(0)?).unwrap_or_default(),
+                    owner: row.try_get(1)?,
+                    token: to_u64(row.try_get(2)?),
+                    expires_at: row.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn register_runner(&self, owner: &str, ttl: Duration) -> Result<usize> {
+        sqlx::query(
+            "INSERT INTO annal_runners (owner, expires_at) VALUES ($1, clock_timestamp() + $2 * interval '1 millisecond') \
+             ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
+        )
+        .bind(owner)
+        .bind(ttl.as_secs_f64() * 1e3)
+        .execute(&self.pool)
+        .await?;
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM annal_runners WHERE expires_at >= clock_timestamp()")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(usize::try_from(live).unwrap_or(1))
+    }
+
+    async fn deregister_runner(&self, owner: &str) -> Result<()> {
+        sqlx::query(sql::DEREGISTER).bind(owner).execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn reset(&self, projection: &str) -> Result<()> {

@@ -94,6 +94,13 @@ pub trait Projection: Send + Sync {
         Delivery::ExactlyOnce
     }
 
+    /// How many partitions the projection is split into (default 1). Each stream belongs to one
+    /// partition ([`crate::partition_of`]), so its events stay in order; each partition has its
+    /// own checkpoint and can run in another runner process.
+    fn partitions(&self) -> u32 {
+        1
+    }
+
     /// The most events handed to one [`Projection::handle`] call (default 100).
     fn batch_size(&self) -> usize {
         100

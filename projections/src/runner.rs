@@ -1,4 +1,5 @@
-//! Running several projections: one task per projection, a handle to watch and stop them.
+//! Running projections: a coordinator per projection that holds partition leases shared with
+//! other runner processes through the database, and a worker per partition it holds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,11 +11,17 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::projection::validate_name;
-use crate::store::ProjectionStore;
+use crate::store::{Fence, ProjectionStore};
 use crate::worker::{Latency, Progress, Worker, WorkerOptions};
 use crate::{Error, Projection, Result};
 
 /// Builds a set of projections to run against one event store.
+///
+/// Every projection partition is run under a lease kept in the projection store, so several
+/// runner processes (on several machines) can run the same projections: each takes a fair share
+/// of the partitions, a runner that joins gets partitions released to it, and the partitions of
+/// a runner that dies are taken over once its leases expire. Every checkpoint write is fenced by
+/// the lease, so a runner that lost its lease writes nothing.
 ///
 /// ```
 /// use std::sync::Arc;
@@ -45,12 +52,15 @@ pub struct ProjectionRunner {
     events: Arc<dyn EventStore>,
     store: Arc<dyn ProjectionStore>,
     projections: Vec<(Arc<dyn Projection>, WorkerOptions)>,
+    owner: String,
+    lease: Duration,
 }
 
 impl ProjectionRunner {
-    /// A runner reading `events` and keeping checkpoints in `store`.
+    /// A runner reading `events` and keeping checkpoints, dead letters and leases in `store`.
     pub fn new(events: Arc<dyn EventStore>, store: Arc<dyn ProjectionStore>) -> Self {
-        ProjectionRunner { events, store, projections: Vec::new() }
+        let owner = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple());
+        ProjectionRunner { events, store, projections: Vec::new(), owner, lease: Duration::from_secs(10) }
     }
 
     /// Adds a projection.
@@ -66,34 +76,39 @@ impl ProjectionRunner {
         Ok(self)
     }
 
-    /// Starts one task per projection.
+    /// Names this runner in leases (default: the process id and a UUID).
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = owner.into();
+        self
+    }
+
+    /// How long a lease lasts unless renewed (default 10 s): a dead runner's partitions are taken
+    /// over within about this long. Leases are renewed every third of it.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(30));
+        self
+    }
+
+    /// Starts a coordinator task per projection.
     pub fn start(self) -> RunningProjections {
         let cancel = CancellationToken::new();
-        let mut workers = HashMap::new();
+        let crash = CancellationToken::new();
+        let mut running = HashMap::new();
         for (projection, options) in self.projections {
             let progress = Progress::new();
-            let task = tokio::spawn({
-                let (events, store, progress, cancel) =
-                    (self.events.clone(), self.store.clone(), progress.clone(), cancel.clone());
-                let projection = projection.clone();
-                async move {
-                    let worker = Worker {
-                        events: &*events,
-                        store: &*store,
-                        projection: &*projection,
-                        options: &options,
-                        progress: &progress,
-                    };
-                    let result = worker.run(&cancel).await;
-                    if let Err(error) = &result {
-                        tracing::error!(projection = projection.name(), %error, "projection stopped");
-                    }
-                    result
-                }
-            });
-            workers.insert(projection.name().to_owned(), Running { projection, progress, task });
+            let coordinator = Coordinator {
+                events: self.events.clone(),
+                store: self.store.clone(),
+                projection: projection.clone(),
+                options,
+                progress: progress.clone(),
+                owner: self.owner.clone(),
+                lease: self.lease,
+            };
+            let task = tokio::spawn(coordinator.run(cancel.clone(), crash.clone()));
+            running.insert(projection.name().to_owned(), Running { projection, progress, task });
         }
-        RunningProjections { events: self.events, store: self.store, workers, cancel }
+        RunningProjections { events: self.events, store: self.store, running, cancel, crash, owner: self.owner }
     }
 }
 
@@ -103,19 +118,165 @@ struct Running {
     task: JoinHandle<Result<()>>,
 }
 
+/// Holds leases on a projection's partitions and runs a worker for each one held.
+struct Coordinator {
+    events: Arc<dyn EventStore>,
+    store: Arc<dyn ProjectionStore>,
+    projection: Arc<dyn Projection>,
+    options: WorkerOptions,
+    progress: Arc<Progress>,
+    owner: String,
+    lease: Duration,
+}
+
+struct Held {
+    fence: Fence,
+    cancel: CancellationToken,
+    task: JoinHandle<Result<()>>,
+}
+
+impl Coordinator {
+    fn name(&self) -> &str {
+        self.projection.name()
+    }
+
+    fn spawn(&self, partition: u32, fence: Fence, parent: &CancellationToken) -> Held {
+        let cancel = parent.child_token();
+        let (events, store, projection, progress) =
+            (self.events.clone(), self.store.clone(), self.projection.clone(), self.progress.clone());
+        let options = WorkerOptions { partition, ..self.options.clone() };
+        let worker_fence = fence.clone();
+        let worker_cancel = cancel.clone();
+        let task = tokio::spawn(async move {
+            let worker = Worker {
+                events: &*events,
+                store: &*store,
+                projection: &*projection,
+                options: &options,
+                progress: &progress,
+                fence: Some(worker_fence),
+            };
+            let result = worker.run(&worker_cancel).await;
+            if let Err(error) = &result {
+                tracing::error!(projection = projection.name(), partition, %error, "projection partition stopped");
+            }
+            result
+        });
+        tracing::info!(projection = self.name(), partition, token = fence.token, owner = %self.owner, "took partition");
+        Held { fence, cancel, task }
+    }
+
+    async fn stop(&self, partition: u32, held: Held, release: bool) -> Result<()> {
+        held.cancel.cancel();
+        let result = held.task.await.unwrap_or_else(|e| Err(Error::Panicked(e.to_string())));
+        if release {
+            self.store.release_lease(self.name(), partition, &held.fence).await?;
+            tracing::info!(projection = self.name(), partition, "released partition");
+        }
+        result
+    }
+
+    /// One round: say we are alive, keep what we hold, give up what is more than our share,
+    /// take free partitions up to it. Returns a partition's error if one stopped.
+    async fn round(&self, held: &mut HashMap<u32, Held>, cancel: &CancellationToken) -> Result<()> {
+        let partitions = self.projection.partitions().max(1);
+        let runners = self.store.register_runner(&self.owner, self.lease).await?.max(1);
+        let share = usize::try_from(partitions).unwrap_or(usize::MAX).div_ceil(runners);
+        // Partitions whose worker ended (stopped on an event), or whose lease was taken.
+        let mut ended = Vec::new();
+        for (&partition, h) in held.iter() {
+            if h.task.is_finished() || !self.store.renew_lease(self.name(), partition, &h.fence, self.lease).await? {
+                ended.push(partition);
+            }
+        }
+        for partition in ended {
+            if let Some(h) = held.remove(&partition) {
+                let finished = h.task.is_finished();
+                let result = self.stop(partition, h, finished).await;
+                if finished {
+                    result?;
+                }
+                tracing::warn!(projection = self.name(), partition, "lost the lease of a partition");
+            }
+        }
+        while held.len() > share {
+            let Some(&partition) = held.keys().max() else { break };
+            if let Some(h) = held.remove(&partition) {
+                self.stop(partition, h, true).await?;
+            }
+        }
+        // Start looking at a different partition in each runner, so runners do not all race
+        // for the same free one.
+        let offset = u32::try_from(self.owner.bytes().map(u64::from).sum::<u64>() % u64::from(partitions)).unwrap_or(0);
+        for i in 0..partitions {
+            if held.len() >= share {
+                break;
+            }
+            let partition = (offset + i) % partitions;
+            if held.contains_key(&partition) {
+                continue;
+            }
+            if let Some(fence) = self.store.acquire_lease(self.name(), partition, &self.owner, self.lease).await? {
+                held.insert(partition, self.spawn(partition, fence, cancel));
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(self, cancel: CancellationToken, crash: CancellationToken) -> Result<()> {
+        let mut held: HashMap<u32, Held> = HashMap::new();
+        let mut result = Ok(());
+        while !cancel.is_cancelled() {
+            if crash.is_cancelled() {
+                // A simulated crash: workers stop, leases and registration are left to expire.
+                for (_, h) in held.drain() {
+                    h.cancel.cancel();
+                    let _ = h.task.await;
+                }
+                return Ok(());
+            }
+            match self.round(&mut held, &cancel).await {
+                Ok(()) => {}
+                Err(error @ Error::Stopped { .. }) => {
+                    result = Err(error);
+                    break;
+                }
+                Err(error) => tracing::warn!(projection = self.name(), %error, "lease round failed; retrying"),
+            }
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = crash.cancelled() => {}
+                () = tokio::time::sleep(self.lease / 3) => {}
+            }
+        }
+        // Graceful: stop the workers between two attempts, then hand the partitions over at once.
+        for (partition, h) in held.drain() {
+            let stopped = self.stop(partition, h, true).await;
+            if result.is_ok() {
+                result = stopped;
+            }
+        }
+        if let Err(error) = self.store.deregister_runner(&self.owner).await {
+            tracing::warn!(projection = self.name(), %error, "could not deregister the runner");
+        }
+        result
+    }
+}
+
 /// How far behind the head a projection is.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Lag {
-    /// The projection's checkpoint.
+    /// The projection's checkpoint (the lowest of its partitions').
     pub checkpoint: Position,
     /// The head of the global log.
     pub head: Position,
-    /// Events the projection selects that it has not applied yet.
+    /// Events the projection selects between its checkpoint and the head (for a partitioned
+    /// projection, counted from its lowest partition checkpoint: an upper bound).
     pub events_behind: u64,
     /// How long ago the oldest of them was recorded (zero when caught up).
     pub time_behind: Duration,
-    /// Commit-to-applied latency of the events applied since the worker started.
+    /// Commit-to-applied latency of the events applied in this process since it started.
     pub latency: Latency,
 }
 
@@ -123,21 +284,56 @@ pub struct Lag {
 pub struct RunningProjections {
     events: Arc<dyn EventStore>,
     store: Arc<dyn ProjectionStore>,
-    workers: HashMap<String, Running>,
+    running: HashMap<String, Running>,
     cancel: CancellationToken,
+    crash: CancellationToken,
+    owner: String,
 }
 
 impl RunningProjections {
-    fn worker(&self, name: &str) -> Result<&Running> {
-        self.workers.get(name).ok_or_else(|| Error::UnknownProjection(name.to_owned()))
+    fn get(&self, name: &str) -> Result<&Running> {
+        self.running.get(name).ok_or_else(|| Error::UnknownProjection(name.to_owned()))
     }
 
-    /// Waits until projection `name` has passed `position` (read your own writes), or `timeout`.
+    /// This runner's name in leases.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The lowest checkpoint of projection `name` over all its partitions, wherever they run.
     ///
     /// # Errors
-    /// [`Error::UnknownProjection`], [`Error::Timeout`].
+    /// [`Error::UnknownProjection`], store errors.
+    pub async fn checkpoint(&self, name: &str) -> Result<Position> {
+        let partitions = self.get(name)?.projection.partitions().max(1);
+        let mut lowest = None::<Position>;
+        for partition in 0..partitions {
+            let position = self.store.checkpoint(name, partition).await?.map_or(Position::START, |c| c.position);
+            lowest = Some(lowest.map_or(position, |l| l.min(position)));
+        }
+        Ok(lowest.unwrap_or(Position::START))
+    }
+
+    /// Waits until every partition of projection `name` has passed `position` (read your own
+    /// writes), or `timeout`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownProjection`], [`Error::Timeout`], store errors.
     pub async fn wait_for(&self, name: &str, position: Position, timeout: Duration) -> Result<()> {
-        self.worker(name)?.progress.wait_for(position, timeout).await
+        let mut moved = self.get(name)?.progress.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            moved.borrow_and_update();
+            if self.checkpoint(name).await? >= position {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout { position, waited: timeout });
+            }
+            // Woken by this process's workers; partitions run elsewhere are polled.
+            let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(50)), moved.changed()).await;
+        }
     }
 
     /// Whether projection `name` is still running (it stops on a failure under
@@ -146,7 +342,7 @@ impl RunningProjections {
     /// # Errors
     /// [`Error::UnknownProjection`].
     pub fn is_running(&self, name: &str) -> Result<bool> {
-        Ok(!self.worker(name)?.task.is_finished())
+        Ok(!self.get(name)?.task.is_finished())
     }
 
     /// The lag of projection `name`: events and time behind the head, and its latency.
@@ -154,9 +350,9 @@ impl RunningProjections {
     /// # Errors
     /// [`Error::UnknownProjection`], store errors.
     pub async fn lag(&self, name: &str) -> Result<Lag> {
-        let worker = self.worker(name)?;
-        let filter = worker.projection.filter();
-        let checkpoint = self.store.checkpoint(name, 0).await?.map_or(Position::START, |c| c.position);
+        let running = self.get(name)?;
+        let filter = running.projection.filter();
+        let checkpoint = self.checkpoint(name).await?;
         let head = self.events.head().await?;
         let events_behind = self.events.count(checkpoint, head, &filter).await?;
         let oldest = self.events.read_all_page(checkpoint, &filter, 1).await?.events.into_iter().next();
@@ -164,19 +360,29 @@ impl RunningProjections {
             .filter(|_| events_behind > 0)
             .and_then(|e| (Utc::now() - e.recorded_at).to_std().ok())
             .unwrap_or_default();
-        Ok(Lag { checkpoint, head, events_behind, time_behind, latency: worker.progress.latency() })
+        Ok(Lag { checkpoint, head, events_behind, time_behind, latency: running.progress.latency() })
+    }
+
+    /// Stops as a crashed process would, for tests of failover: workers stop between two
+    /// attempts, but leases are neither released nor renewed, and the runner is not
+    /// deregistered, so other runners take over only when the leases expire.
+    pub async fn crash(self) {
+        self.crash.cancel();
+        for (_, running) in self.running {
+            let _ = running.task.await;
+        }
     }
 
     /// Stops every projection after its current attempt (each batch is atomic, so nothing is
-    /// half applied), and waits for them.
+    /// half applied), releases its leases so other runners take over at once, and waits.
     ///
     /// # Errors
     /// The first error a projection stopped with.
     pub async fn shutdown(self) -> Result<()> {
         self.cancel.cancel();
         let mut first = Ok(());
-        for (_, worker) in self.workers {
-            let result = worker.task.await.unwrap_or_else(|e| Err(Error::Panicked(e.to_string())));
+        for (_, running) in self.running {
+            let result = running.task.await.unwrap_or_else(|e| Err(Error::Panicked(e.to_string())));
             if first.is_ok() {
                 first = result;
             }

@@ -2,15 +2,27 @@
 //! (SQLite reads them as `?n`). Timestamps are bound by the caller: `timestamptz` on
 //! PostgreSQL, microseconds since the epoch on SQLite.
 
-/// Moves a checkpoint that exists and is at `from` ($5, $6) to `to` ($3, $4).
+/// Moves a checkpoint that exists and is at `from` ($5, $6) to `to` ($3, $4), if the writer
+/// still holds the partition's lease (owner $9, token $10), or writes without one ($9 null).
 pub(crate) const ADVANCE: &str = "UPDATE annal_checkpoints SET position_tx = $3, position_seq = $4, updated_at = $7, \
      last_recorded_at = coalesce($8, last_recorded_at) \
-     WHERE projection = $1 AND partition = $2 AND position_tx = $5 AND position_seq = $6";
+     WHERE projection = $1 AND partition = $2 AND position_tx = $5 AND position_seq = $6 \
+     AND (EXISTS (SELECT 1 FROM annal_leases l WHERE l.projection = $1 AND l.partition = $2 \
+                  AND l.owner = $9 AND l.token = $10) OR $9 IS NULL)";
 
-/// Creates a checkpoint at `to` if none exists (a projection's first move, from the start).
+/// Creates a checkpoint at `to` if none exists (a projection's first move, from the start),
+/// fenced like [`ADVANCE`] by owner $7 and token $8.
 pub(crate) const CREATE: &str = "INSERT INTO annal_checkpoints \
      (projection, partition, position_tx, position_seq, updated_at, last_recorded_at) \
-     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (projection, partition) DO NOTHING";
+     SELECT $1, $2, $3, $4, $5, $6 \
+     WHERE (EXISTS (SELECT 1 FROM annal_leases l WHERE l.projection = $1 AND l.partition = $2 \
+                    AND l.owner = $7 AND l.token = $8) OR $7 IS NULL) \
+     ON CONFLICT (projection, partition) DO NOTHING";
+
+pub(crate) const LEASES: &str =
+    "SELECT partition, owner, token, expires_at FROM annal_leases WHERE projection = $1 ORDER BY partition";
+
+pub(crate) const DEREGISTER: &str = "DELETE FROM annal_runners WHERE owner = $1";
 
 pub(crate) const CHECKPOINT: &str = "SELECT position_tx, position_seq, updated_at, last_recorded_at \
      FROM annal_checkpoints WHERE projection = $1 AND partition = $2";

@@ -2,6 +2,8 @@
 //! through one transaction for read model and checkpoint.
 
 use annal_eventstore::{Position, RecordedEvent, SqliteEventStore, StreamName};
+use std::time::Duration;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
@@ -9,7 +11,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 
 use crate::projection::Tx;
 use crate::sql::{self, to_i64, to_u64};
-use crate::store::{Applied, Checkpoint, DeadLetter, Park, ProjectionStore};
+use crate::store::{Applied, Checkpoint, DeadLetter, Fence, Lease, Park, ProjectionStore};
 use crate::{Error, Projection, Result};
 
 /// Checkpoints and dead letters in SQLite, beside a [`SqliteEventStore`]'s events, written
@@ -43,7 +45,9 @@ async fn advance_on(
     from: Position,
     to: Position,
     last: Option<DateTime<Utc>>,
+    fence: Option<&Fence>,
 ) -> Result<bool> {
+    let (owner, token) = (fence.map(|f| f.owner.as_str()), fence.map(|f| to_i64(f.token)));
     let now = Utc::now().timestamp_micros();
     let last = last.map(|t| t.timestamp_micros());
     let partition = i64::from(partition);
@@ -56,6 +60,8 @@ async fn advance_on(
         .bind(to_i64(from.sequence()))
         .bind(now)
         .bind(last)
+        .bind(owner)
+        .bind(token)
         .execute(&mut *conn)
         .await?
         .rows_affected();
@@ -69,6 +75,8 @@ async fn advance_on(
         .bind(to_i64(to.sequence()))
         .bind(now)
         .bind(last)
+        .bind(owner)
+        .bind(token)
         .execute(&mut *conn)
         .await?
         .rows_affected();
@@ -116,9 +124,10 @@ impl ProjectionStore for SqliteProjectionStore {
         from: Position,
         to: Position,
         last_recorded_at: Option<DateTime<Utc>>,
+        fence: Option<&Fence>,
     ) -> Result<bool> {
         let mut conn = self.pool.acquire().await?;
-        advance_on(&mut conn, projection, partition, from, to, last_recorded_at).await
+        advance_on(&mut conn, projection, partition, from, to, last_recorded_at, fence).await
     }
 
     async fn apply(
@@ -128,12 +137,13 @@ impl ProjectionStore for SqliteProjectionStore {
         from: Position,
         to: Position,
         events: &[RecordedEvent],
+        fence: Option<&Fence>,
     ) -> Result<Applied> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // The checkpoint moves first: its row lock makes a second worker on this partition wait
         // here, then find the checkpoint moved and apply nothing.
         let last = events.last().map(|e| e.recorded_at);
-        if !advance_on(&mut tx, projection.name(), partition, from, to, last).await? {
+        if !advance_on(&mut tx, projection.name(), partition, from, to, last, fence).await? {
             return Ok(Applied::Moved);
         }
         if let Err(error) = projection.handle(events, &mut Tx::Sqlite(&mut tx)).await {
@@ -144,10 +154,17 @@ impl ProjectionStore for SqliteProjectionStore {
         Ok(Applied::Committed)
     }
 
-    async fn park(&self, projection: &str, partition: u32, from: Position, park: Park<'_>) -> Result<bool> {
+    async fn park(
+        &self,
+        projection: &str,
+        partition: u32,
+        from: Position,
+        park: Park<'_>,
+        fence: Option<&Fence>,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let event = park.event;
-        if !advance_on(&mut tx, projection, partition, from, event.position, None).await? {
+        if !advance_on(&mut tx, projection, partition, from, event.position, None, fence).await? {
             return Ok(false);
         }
         sqlx::query(sql::sqlite(sql::PARK))
@@ -197,6 +214,94 @@ impl ProjectionStore for SqliteProjectionStore {
         Ok(removed.rows_affected() == 1)
     }
 
+    async fn acquire_lease(
+        &self,
+        projection: &str,
+        partition: u32,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<Fence>> {
+        let now = Utc::now().timestamp_micros();
+        let token: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO annal_leases (projection, partition, owner, token, expires_at) VALUES (?1, ?2, ?3, 1, ?4 + ?5) \
+             ON CONFLICT (projection, partition) DO UPDATE \
+                 SET owner = excluded.owner, token = annal_leases.token + 1, expires_at = excluded.expires_at \
+                 WHERE annal_leases.expires_at < ?4 OR annal_leases.owner = excluded.owner \
+             RETURNING token",
+        )
+        .bind(projection)
+        .bind(i64::from(partition))
+        .bind(owner)
+        .bind(now)
+        .bind(micros_of(ttl))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(token.map(|token| Fence { owner: owner.to_owned(), token: to_u64(token) }))
+    }
+
+    async fn renew_lease(&self, projection: &str, partition: u32, fence: &Fence, ttl: Duration) -> Result<bool> {
+        let renewed = sqlx::query(
+            "UPDATE annal_leases SET expires_at = ?5 WHERE projection = ?1 AND partition = ?2 AND owner = ?3 AND token = ?4",
+        )
+        .bind(projection)
+        .bind(i64::from(partition))
+        .bind(&fence.owner)
+        .bind(to_i64(fence.token))
+        .bind(Utc::now().timestamp_micros() + micros_of(ttl))
+        .execute(&self.pool)
+        .await?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
+    async fn release_lease(&self, projection: &str, partition: u32, fence: &Fence) -> Result<()> {
+        sqlx::query(
+            "UPDATE annal_leases SET expires_at = 0 WHERE projection = ?1 AND partition = ?2 AND owner = ?3 AND token = ?4",
+        )
+        .bind(projection)
+        .bind(i64::from(partition))
+        .bind(&fence.owner)
+        .bind(to_i64(fence.token))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn leases(&self, projection: &str) -> Result<Vec<Lease>> {
+        let rows = sqlx::query(sql::sqlite(sql::LEASES)).bind(projection).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Lease {
+                    partition: u32::try_from(row.try_get::<i64, _>(0)?).unwrap_or_default(),
+                    owner: row.try_get(1)?,
+                    token: to_u64(row.try_get(2)?),
+                    expires_at: micros(row.try_get(3)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn register_runner(&self, owner: &str, ttl: Duration) -> Result<usize> {
+        let now = Utc::now().timestamp_micros();
+        sqlx::query(
+            "INSERT INTO annal_runners (owner, expires_at) VALUES (?1, ?2) \
+             ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
+        )
+        .bind(owner)
+        .bind(now + micros_of(ttl))
+        .execute(&self.pool)
+        .await?;
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM annal_runners WHERE expires_at >= ?1")
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(usize::try_from(live).unwrap_or(1))
+    }
+
+    async fn deregister_runner(&self, owner: &str) -> Result<()> {
+        sqlx::query(sql::sqlite(sql::DEREGISTER)).bind(owner).execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn reset(&self, projection: &str) -> Result<()> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(sql::sqlite(sql::RESET_CHECKPOINTS)).bind(projection).execute(&mut *tx).await?;
@@ -208,4 +313,8 @@ impl ProjectionStore for SqliteProjectionStore {
 
 fn micros(value: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(value).unwrap_or_default()
+}
+
+fn micros_of(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }

@@ -2,6 +2,8 @@
 
 use annal_eventstore::{BoxError, Position, RecordedEvent, StreamName};
 use async_trait::async_trait;
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -45,6 +47,30 @@ pub struct DeadLetter {
     pub parked_at: DateTime<Utc>,
 }
 
+/// A runner's hold on a partition, carried by every checkpoint write: a writer whose lease
+/// was taken over writes nothing (fencing).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The runner holding the lease.
+    pub owner: String,
+    /// The lease's token: it grows with every new holder.
+    pub token: u64,
+}
+
+/// A lease on a projection partition, as stored.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Lease {
+    /// The partition.
+    pub partition: u32,
+    /// The runner holding (or last holding) it.
+    pub owner: String,
+    /// The token of that holder.
+    pub token: u64,
+    /// When it runs out unless renewed.
+    pub expires_at: DateTime<Utc>,
+}
+
 /// What a transactional apply did.
 #[derive(Debug)]
 pub enum Applied {
@@ -86,6 +112,7 @@ pub trait ProjectionStore: Send + Sync {
         from: Position,
         to: Position,
         last_recorded_at: Option<DateTime<Utc>>,
+        fence: Option<&Fence>,
     ) -> Result<bool>;
 
     /// Runs `projection.handle(events)` in a transaction that also moves the checkpoint from
@@ -98,11 +125,19 @@ pub trait ProjectionStore: Send + Sync {
         from: Position,
         to: Position,
         events: &[RecordedEvent],
+        fence: Option<&Fence>,
     ) -> Result<Applied>;
 
     /// Records a dead letter and moves the checkpoint from `from` to the event's position, in one
     /// transaction. Returns `false` (nothing written) if the checkpoint was not at `from`.
-    async fn park(&self, projection: &str, partition: u32, from: Position, park: Park<'_>) -> Result<bool>;
+    async fn park(
+        &self,
+        projection: &str,
+        partition: u32,
+        from: Position,
+        park: Park<'_>,
+        fence: Option<&Fence>,
+    ) -> Result<bool>;
 
     /// The dead letters of a projection, oldest first.
     async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>>;
@@ -113,6 +148,31 @@ pub trait ProjectionStore: Send + Sync {
 
     /// Removes a dead letter without applying it. Returns `false` if it was not there.
     async fn remove_dead_letter(&self, projection: &str, id: i64) -> Result<bool>;
+
+    /// Takes the lease of a partition for `owner` if it is free or expired (or already
+    /// `owner`'s), for `ttl`. Returns the fence to write with, or `None` if another runner holds it.
+    async fn acquire_lease(
+        &self,
+        projection: &str,
+        partition: u32,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<Fence>>;
+
+    /// Extends a lease by `ttl`. Returns `false` if another runner has taken it.
+    async fn renew_lease(&self, projection: &str, partition: u32, fence: &Fence, ttl: Duration) -> Result<bool>;
+
+    /// Gives a lease up at once, so another runner can take it without waiting for it to expire.
+    async fn release_lease(&self, projection: &str, partition: u32, fence: &Fence) -> Result<()>;
+
+    /// The leases of a projection's partitions.
+    async fn leases(&self, projection: &str) -> Result<Vec<Lease>>;
+
+    /// Says that runner `owner` is alive for `ttl` more; returns how many runners are alive.
+    async fn register_runner(&self, owner: &str, ttl: Duration) -> Result<usize>;
+
+    /// Says that runner `owner` has stopped.
+    async fn deregister_runner(&self, owner: &str) -> Result<()>;
 
     /// Forgets a projection's checkpoints and dead letters, so it starts again from the
     /// beginning (a rebuild; reset the read model in the same breath).

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::projection::{Tx, validate_name};
-use crate::store::{Applied, Park, ProjectionStore};
+use crate::store::{Applied, Fence, Park, ProjectionStore};
 use crate::{Delivery, Error, OnFailure, Projection, Result, RetryPolicy};
 
 /// How a worker runs a projection.
@@ -70,34 +70,23 @@ pub struct Latency {
     pub max: Duration,
 }
 
-/// What a running worker shares with whoever watches it.
+/// What a projection's workers in this process share with whoever watches them: a signal
+/// that a checkpoint moved, and the latency of the events applied.
 #[derive(Debug)]
 pub struct Progress {
-    position: watch::Sender<Position>,
+    moved: watch::Sender<u64>,
     latency: Mutex<Histogram<u64>>,
 }
 
 impl Progress {
     pub(crate) fn new() -> Arc<Self> {
         let histogram = Histogram::new(3).expect("3 significant figures is a valid precision");
-        Arc::new(Progress { position: watch::Sender::new(Position::START), latency: Mutex::new(histogram) })
+        Arc::new(Progress { moved: watch::Sender::new(0), latency: Mutex::new(histogram) })
     }
 
-    /// The checkpoint the worker last reached.
-    pub fn position(&self) -> Position {
-        *self.position.borrow()
-    }
-
-    /// Waits until the checkpoint reaches `position`, or `timeout`.
-    ///
-    /// # Errors
-    /// [`Error::Timeout`] if it does not in time.
-    pub async fn wait_for(&self, position: Position, timeout: Duration) -> Result<()> {
-        let mut receiver = self.position.subscribe();
-        match tokio::time::timeout(timeout, receiver.wait_for(|p| *p >= position)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) | Err(_) => Err(Error::Timeout { position, waited: timeout }),
-        }
+    /// A receiver that changes whenever a checkpoint of this projection moves in this process.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.moved.subscribe()
     }
 
     /// The commit-to-applied latency of the events applied so far.
@@ -113,12 +102,8 @@ impl Progress {
         }
     }
 
-    fn reached(&self, position: Position) {
-        self.position.send_if_modified(|p| {
-            let moved = *p != position;
-            *p = position;
-            moved
-        });
+    fn reached(&self) {
+        self.moved.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn applied(&self, events: &[RecordedEvent]) {
@@ -138,6 +123,8 @@ pub(crate) struct Worker<'a> {
     pub(crate) projection: &'a dyn Projection,
     pub(crate) options: &'a WorkerOptions,
     pub(crate) progress: &'a Progress,
+    /// The lease this worker writes under, when partitions are shared between runners.
+    pub(crate) fence: Option<Fence>,
 }
 
 /// How a batch ended.
@@ -156,7 +143,7 @@ impl Worker<'_> {
     async fn load_checkpoint(&self) -> Result<Position> {
         let position =
             self.store.checkpoint(self.name(), self.options.partition).await?.map_or(Position::START, |c| c.position);
-        self.progress.reached(position);
+        self.progress.reached();
         Ok(position)
     }
 
@@ -171,6 +158,7 @@ impl Worker<'_> {
         validate_name(self.name())?;
         let filter = self.projection.filter();
         let batch = self.projection.batch_size().max(1);
+        let partitions = self.projection.partitions().max(1);
         let mut wakeup = self.events.wakeup();
         let mut checkpoint = self.load_checkpoint().await?;
         let mut failures = 0u32;
@@ -188,6 +176,10 @@ impl Worker<'_> {
                     }
                 }
             };
+            let mut page = page;
+            if partitions > 1 {
+                page.events.retain(|e| partition_of(&e.stream, partitions) == self.options.partition);
+            }
             let outcome = if page.events.is_empty() {
                 if page.next > checkpoint {
                     self.advance(checkpoint, page.next).await
@@ -204,7 +196,7 @@ impl Worker<'_> {
                 Ok(Outcome::At(position)) => {
                     failures = 0;
                     checkpoint = position;
-                    self.progress.reached(position);
+                    self.progress.reached();
                 }
                 Ok(Outcome::Moved) => checkpoint = self.load_checkpoint().await?,
                 Err(error @ Error::Stopped { .. }) => return Err(error),
@@ -223,7 +215,8 @@ impl Worker<'_> {
     }
 
     async fn advance(&self, from: Position, to: Position) -> Result<Outcome> {
-        let moved = self.store.advance(self.name(), self.options.partition, from, to, None).await?;
+        let moved =
+            self.store.advance(self.name(), self.options.partition, from, to, None, self.fence.as_ref()).await?;
         Ok(if moved { Outcome::At(to) } else { Outcome::Moved })
     }
 
@@ -235,7 +228,11 @@ impl Worker<'_> {
         let error = match self.projection.delivery() {
             _ if blocked => "a stream of the batch has a parked event".into(),
             Delivery::ExactlyOnce => {
-                match self.store.apply(self.projection, partition, from, page.next, &page.events).await? {
+                match self
+                    .store
+                    .apply(self.projection, partition, from, page.next, &page.events, self.fence.as_ref())
+                    .await?
+                {
                     Applied::Committed => {
                         self.progress.applied(&page.events);
                         return Ok(Outcome::At(page.next));
@@ -247,7 +244,7 @@ impl Worker<'_> {
             Delivery::AtLeastOnce => match self.projection.handle(&page.events, &mut Tx::none()).await {
                 Ok(()) => {
                     let last = page.events.last().map(|e| e.recorded_at);
-                    if !self.store.advance(self.name(), partition, from, page.next, last).await? {
+                    if !self.store.advance(self.name(), partition, from, page.next, last, self.fence.as_ref()).await? {
                         return Ok(Outcome::Moved);
                     }
                     self.progress.applied(&page.events);
@@ -257,7 +254,7 @@ impl Worker<'_> {
             },
             Delivery::AtMostOnce => {
                 let last = page.events.last().map(|e| e.recorded_at);
-                if !self.store.advance(self.name(), partition, from, page.next, last).await? {
+                if !self.store.advance(self.name(), partition, from, page.next, last, self.fence.as_ref()).await? {
                     return Ok(Outcome::Moved);
                 }
                 match self.projection.handle(&page.events, &mut Tx::none()).await {
@@ -300,16 +297,16 @@ impl Worker<'_> {
             loop {
                 let result = match self.projection.delivery() {
                     Delivery::ExactlyOnce => {
+                        let one = std::slice::from_ref(event);
                         self.store
-                            .apply(self.projection, partition, at, event.position, std::slice::from_ref(event))
+                            .apply(self.projection, partition, at, event.position, one, self.fence.as_ref())
                             .await?
                     }
                     _ => match self.projection.handle(std::slice::from_ref(event), &mut Tx::none()).await {
                         Ok(()) => {
-                            let moved = self
-                                .store
-                                .advance(self.name(), partition, at, event.position, Some(event.recorded_at))
-                                .await?;
+                            let (last, fence) = (Some(event.recorded_at), self.fence.as_ref());
+                            let moved =
+                                self.store.advance(self.name(), partition, at, event.position, last, fence).await?;
                             if moved { Applied::Committed } else { Applied::Moved }
                         }
                         Err(error) => Applied::Failed(error),
@@ -319,7 +316,7 @@ impl Worker<'_> {
                     Applied::Committed => {
                         self.progress.applied(std::slice::from_ref(event));
                         at = event.position;
-                        self.progress.reached(at);
+                        self.progress.reached();
                         break;
                     }
                     Applied::Moved => return Ok(Outcome::Moved),
@@ -367,7 +364,7 @@ impl Worker<'_> {
             }
         }
         if page.next > at {
-            if !self.store.advance(self.name(), partition, at, page.next, None).await? {
+            if !self.store.advance(self.name(), partition, at, page.next, None, self.fence.as_ref()).await? {
                 return Ok(Outcome::Moved);
             }
             at = page.next;
@@ -376,6 +373,34 @@ impl Worker<'_> {
     }
 
     async fn park(&self, at: Position, event: &RecordedEvent, error: &str, attempts: u32) -> Result<bool> {
-        self.store.park(self.name(), self.options.partition, at, Park { event, error, attempts }).await
+        let park = Park { event, error, attempts };
+        self.store.park(self.name(), self.options.partition, at, park, self.fence.as_ref()).await
+    }
+}
+
+/// The partition of a stream: a stable hash (64-bit FNV-1a) of its name, so each stream's
+/// events always go to the same partition and keep their order.
+pub fn partition_of(stream: &StreamName, partitions: u32) -> u32 {
+    let hash = stream
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
+    u32::try_from(hash % u64::from(partitions.max(1))).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable_and_spread() {
+        let stream = |i: u32| StreamName::from_parts("account", i).unwrap();
+        assert_eq!(partition_of(&stream(1), 4), partition_of(&stream(1), 4));
+        assert_eq!(partition_of(&stream(1), 1), 0);
+        let mut counts = [0u32; 4];
+        for i in 0..4000 {
+            counts[partition_of(&stream(i), 4) as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
     }
 }
