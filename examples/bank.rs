@@ -1,15 +1,23 @@
 //! A small bank on the embedded SQLite store. Accounts are aggregates; a transfer is two
 //! commands tied together by one correlation id; a withdrawal larger than the balance is
 //! refused; and several tasks deposit into one account at once while the repository retries
-//! the conflicts, so that no deposit is lost.
+//! the conflicts, so that no deposit is lost. Beside the commands, an exactly-once projection
+//! keeps a balances read model in the same SQLite file, and at the end it must agree with the
+//! accounts' own state.
 //!
 //! ```text
-//! cargo run --example bank --features derive
+//! cargo run --example bank --features projections
 //! ```
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use annal::projections::{Projection, ProjectionRunner, SqliteProjectionStore, Tx, WorkerOptions};
 use annal::{
-    Aggregate, CommandError, Decide, Event, EventStore, Filter, Metadata, Position, Repository, SqliteEventStore,
+    Aggregate, BoxError, CommandError, Decide, Event, EventStore, Filter, Metadata, Position, RecordedEvent,
+    Repository, SqliteEventStore,
 };
+use anyhow::Context;
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -83,6 +91,49 @@ impl Decide for Account {
     }
 }
 
+/// The balances read model: one row per account, moved by each deposit and withdrawal, in the
+/// same transaction as the projection's checkpoint (exactly once).
+struct Balances;
+
+#[annal::async_trait]
+impl Projection for Balances {
+    fn name(&self) -> &str {
+        "balances"
+    }
+    fn filter(&self) -> Filter {
+        Filter::categories([Account::CATEGORY])
+    }
+    async fn handle(&self, events: &[RecordedEvent], tx: &mut Tx<'_>) -> Result<(), BoxError> {
+        let conn = tx.sqlite().ok_or("the balances live in the SQLite store")?;
+        for recorded in events {
+            let account: i64 = recorded.stream.id().unwrap_or_default().parse()?;
+            let change = match AccountEvent::from_recorded(recorded)? {
+                AccountEvent::Opened { .. } => 0,
+                AccountEvent::Deposited { amount } => i64::try_from(amount)?,
+                AccountEvent::Withdrawn { amount } => -i64::try_from(amount)?,
+            };
+            sqlx::query(
+                "INSERT INTO balances VALUES (?, ?) ON CONFLICT (account) DO UPDATE SET balance = balance + excluded.balance",
+            )
+            .bind(account)
+            .bind(change)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// An account's balance in the read model.
+async fn read_balance(db: &sqlx::SqlitePool, account: u64) -> anyhow::Result<u64> {
+    let balance: i64 = sqlx::query_scalar("SELECT balance FROM balances WHERE account = ?")
+        .bind(i64::try_from(account)?)
+        .fetch_one(db)
+        .await?;
+    Ok(u64::try_from(balance)?)
+}
+
+const PATIENCE: Duration = Duration::from_secs(10);
 const ADA: u64 = 1;
 const GRACE: u64 = 2;
 const TASKS: u64 = 8;
@@ -92,6 +143,13 @@ const DEPOSITS_PER_TASK: u64 = 25;
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = SqliteEventStore::open(dir.path().join("bank.db")).await?;
+    // The read model lives in the same file; the projection runs beside the commands.
+    let db = store.writer().clone();
+    sqlx::query("CREATE TABLE balances (account INTEGER PRIMARY KEY, balance INTEGER NOT NULL)").execute(&db).await?;
+    let projections =
+        ProjectionRunner::new(Arc::new(store.clone()), Arc::new(SqliteProjectionStore::new(&store).await?))
+            .with(Arc::new(Balances), WorkerOptions::default())?
+            .start();
     // Later, eight tasks write to one account at once. Each conflict costs a reload and a new
     // decision; with eight writers a command loses about seven times in eight, and sometimes
     // dozens of times in a row, so allow far more retries than the default 3.
@@ -126,6 +184,12 @@ async fn main() -> anyhow::Result<()> {
             event.stream, event.version, event.event_type, event.data, event.position
         );
     }
+    // The read model catches up a moment later. Waiting until it has passed the deposit's
+    // position reads our own writes (the withdrawal comes before it in the global order).
+    let position = deposited.position().context("a deposit writes an event")?;
+    projections.wait_for("balances", position, PATIENCE).await?;
+    let (ada, grace) = (read_balance(&db, ADA).await?, read_balance(&db, GRACE).await?);
+    println!("  the balances read model, once past position {position}: Ada {ada}, Grace {grace}");
 
     // The rules hold: Ada has 70 and cannot take out 500. Nothing is written.
     println!("\nAda tries to withdraw 500");
@@ -148,22 +212,24 @@ async fn main() -> anyhow::Result<()> {
         .map(|task| {
             let accounts = accounts.clone();
             tokio::spawn(async move {
-                let (mut sum, mut most_attempts) = (0, 0);
+                let (mut sum, mut most_attempts, mut last) = (0, 0, Position::START);
                 for i in 1..=DEPOSITS_PER_TASK {
                     let amount = task * 100 + i;
                     let done = accounts.execute(&GRACE, AccountCommand::Deposit { amount }).await?;
                     sum += amount;
                     most_attempts = most_attempts.max(done.attempts);
+                    last = last.max(done.position().unwrap_or_default());
                 }
-                anyhow::Ok((sum, most_attempts))
+                anyhow::Ok((sum, most_attempts, last))
             })
         })
         .collect();
-    let (mut deposited, mut most_attempts) = (0, 0);
+    let (mut deposited, mut most_attempts, mut last) = (0, 0, Position::START);
     for task in tasks {
-        let (sum, attempts) = task.await??;
+        let (sum, attempts, position) = task.await??;
         deposited += sum;
         most_attempts = most_attempts.max(attempts);
+        last = last.max(position);
     }
     let grace = accounts.load(&GRACE).await?;
     println!(
@@ -182,5 +248,18 @@ async fn main() -> anyhow::Result<()> {
             snapshot.version
         );
     }
+
+    // The read model, once it has passed the last deposit, agrees with every account's state.
+    println!("\nThe balances read model after waiting for position {last}");
+    projections.wait_for("balances", last, PATIENCE).await?;
+    for (name, id) in [("Ada", ADA), ("Grace", GRACE)] {
+        let (loaded, projected) = (accounts.load(&id).await?.state.balance, read_balance(&db, id).await?);
+        println!("  {name}: read model {projected}, account {loaded}");
+        anyhow::ensure!(projected == loaded, "the read model disagrees with account {id}");
+    }
+    let lag = projections.lag("balances").await?;
+    let (behind, applied, p50, p99) = (lag.events_behind, lag.latency.count, lag.latency.p50, lag.latency.p99);
+    println!("  lag: {behind} events behind; {applied} applied, commit-to-applied p50 {p50:.1?}, p99 {p99:.1?}");
+    projections.shutdown().await?;
     Ok(())
 }

@@ -8,7 +8,7 @@
 //! |---------------|---------|----------------------------------------------------------|
 //! | `sqlite`      | yes     | [`SqliteEventStore`], the embedded backend              |
 //! | `postgres`    |         | [`PgEventStore`], the production backend                 |
-//! | `projections` |         | the [`projections`] crate                                |
+//! | `projections` | yes     | the [`projections`] crate                                |
 //! | `derive`      | yes     | `#[derive(Event)]`, `#[derive(Aggregate)]`               |
 //!
 //! # Example

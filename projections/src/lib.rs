@@ -10,6 +10,8 @@
 //! - A [`ProjectionRunner`] runs projections; [`RunningProjections`] waits for positions
 //!   (read-your-writes), reports [`Lag`] and shuts down gracefully.
 
+#[cfg(feature = "runner")]
+pub mod cli;
 mod dead_letters;
 mod dedup;
 mod memory;

@@ -80,7 +80,9 @@ pub struct Progress {
 
 impl Progress {
     pub(crate) fn new() -> Arc<Self> {
-        let histogram = Histogram::new(3).expect("3 significant figures is a valid precision");
+        // Microseconds, from 1 µs to one hour at 3 significant figures; longer waits count as an
+        // hour. (A histogram that grows on demand would refuse to grow in `saturating_record`.)
+        let histogram = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
         Arc::new(Progress { moved: watch::Sender::new(0), latency: Mutex::new(histogram) })
     }
 

@@ -1,0 +1,464 @@
+//! The `annal-runner` command line, as a library: build your own runner binary with Rust
+//! projections beside the configured SQL ones, with the same commands.
+//!
+//! ```no_run
+//! # async fn example() {
+//! // src/main.rs of your own runner:
+//! let rust_projections = vec![/* Arc<dyn Projection> */];
+//! std::process::exit(annal_projections::cli::main_with(rust_projections).await);
+//! # }
+//! ```
+
+mod config;
+mod sql;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use annal_eventstore::{EventStore, PgEventStore, SqliteEventStore};
+use clap::{Parser, Subcommand, ValueEnum};
+use sqlx::{AssertSqlSafe, Executor, SqlSafeStr};
+
+pub use config::{Config, PARAMETERS, SqlProjectionConfig, Statement, compile};
+pub use sql::SqlProjection;
+
+use crate::{
+    PgProjectionStore, Projection, ProjectionRunner, ProjectionStore, RunningProjections, SqliteProjectionStore,
+    WorkerOptions, retry_dead_letter, skip_dead_letter,
+};
+
+/// Runs projections and lets operators inspect and control them.
+#[derive(Debug, Parser)]
+#[command(name = "annal-runner", version, about)]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(long, short, env = "ANNAL_CONFIG", default_value = "annal.toml")]
+    pub config: PathBuf,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub log: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    Human,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// The runner's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the projections until SIGINT or SIGTERM, serving /health and /metrics.
+    Run,
+    /// Print every projection partition's checkpoint, lag, dead letters and lease.
+    Status,
+    /// Empty a projection's read model and replay it from the first event, with progress.
+    Rebuild {
+        /// The projection.
+        name: String,
+    },
+    /// List, retry or skip parked events.
+    DeadLetters {
+        /// What to do.
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+    /// Create or upgrade the tables (events, checkpoints, projections' setup).
+    Migrate,
+    /// Check the configuration and every handler's SQL against the database, changing nothing.
+    Check,
+}
+
+/// Dead-letter commands.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// List a projection's dead letters.
+    List {
+        /// The projection.
+        projection: String,
+    },
+    /// Apply a dead letter's event again (exactly once) and remove it.
+    Retry {
+        /// The projection.
+        projection: String,
+        /// The dead letter's id.
+        id: i64,
+    },
+    /// Remove a dead letter without applying it.
+    Skip {
+        /// The projection.
+        projection: String,
+        /// The dead letter's id.
+        id: i64,
+    },
+}
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+/// The database the runner works on.
+enum Database {
+    Postgres(PgEventStore),
+    Sqlite(SqliteEventStore),
+}
+
+impl Database {
+    async fn connect(url: &str) -> Result<Self, Failure> {
+        Ok(if url.starts_with("postgres") {
+            Database::Postgres(PgEventStore::connect(url).await?)
+        } else {
+            Database::Sqlite(SqliteEventStore::connect(url).await?)
+        })
+    }
+
+    fn events(&self) -> Arc<dyn EventStore> {
+        match self {
+            Database::Postgres(store) => Arc::new(store.clone()),
+            Database::Sqlite(store) => Arc::new(store.clone()),
+        }
+    }
+
+    async fn projection_store(&self) -> Result<Arc<dyn ProjectionStore>, Failure> {
+        Ok(match self {
+            Database::Postgres(store) => Arc::new(PgProjectionStore::new(store).await?),
+            Database::Sqlite(store) => Arc::new(SqliteProjectionStore::new(store).await?),
+        })
+    }
+
+    /// Runs statements in one transaction, committing only if `commit`.
+    async fn execute(&self, statements: &[String], commit: bool) -> Result<(), Failure> {
+        macro_rules! run {
+            ($pool:expr) => {{
+                let mut tx = $pool.begin().await?;
+                for statement in statements {
+                    sqlx::raw_sql(AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
+                }
+                if commit { tx.commit().await? } else { tx.rollback().await? }
+            }};
+        }
+        match self {
+            Database::Postgres(store) => run!(store.pool()),
+            Database::Sqlite(store) => run!(store.writer()),
+        }
+        Ok(())
+    }
+
+    /// Runs the setup statements, then prepares every handler statement: invalid SQL, or SQL
+    /// naming a table that does not exist, is found here, before anything runs.
+    async fn check(&self, config: &Config, projections: &[SqlProjection], commit: bool) -> Result<(), Failure> {
+        let setup: Vec<String> = config.projections.iter().flat_map(|p| p.setup.clone()).collect();
+        macro_rules! check {
+            ($pool:expr, $statements:ident) => {{
+                let mut tx = $pool.begin().await?;
+                for statement in &setup {
+                    sqlx::raw_sql(AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
+                }
+                for projection in projections {
+                    for (event_type, statement) in projection.$statements() {
+                        tx.prepare(AssertSqlSafe(statement.sql.clone()).into_sql_str())
+                            .await
+                            .map_err(|e| format!("projection {:?}, handler {event_type:?}: {e}", projection.name()))?;
+                    }
+                }
+                if commit { tx.commit().await? } else { tx.rollback().await? }
+            }};
+        }
+        match self {
+            Database::Postgres(store) => check!(store.pool(), postgres_statements),
+            Database::Sqlite(store) => check!(store.writer(), sqlite_statements),
+        }
+        Ok(())
+    }
+}
+
+/// Runs the command line with `extra` Rust projections beside the configured SQL ones, and
+/// returns the process exit code.
+pub async fn main_with(extra: Vec<Arc<dyn Projection>>) -> i32 {
+    let cli = Cli::parse();
+    init_logs(cli.log);
+    match run(cli, extra).await {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("annal-runner: {error}");
+            1
+        }
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(&cli.config)
+        .map_err(|e| format!("cannot read the configuration {}: {e}", cli.config.display()))?;
+    let config = Config::parse(&text).map_err(|e| format!("{}: {e}", cli.config.display()))?;
+    let sql: Vec<SqlProjection> = config.projections.iter().map(SqlProjection::new).collect::<Result<_, _>>()?;
+    let mut projections: Vec<Arc<dyn Projection>> = Vec::new();
+    let database = Database::connect(&config.database).await?;
+    let store = database.projection_store().await?;
+    match cli.command {
+        Command::Check => {
+            database.check(&config, &sql, false).await?;
+            println!("configuration and SQL are valid: {} projection(s)", config.projections.len());
+        }
+        Command::Migrate => {
+            database.check(&config, &sql, true).await?;
+            println!("tables are up to date");
+        }
+        Command::Run => {
+            database.check(&config, &sql, true).await?;
+            projections.extend(sql.into_iter().map(|p| Arc::new(p) as Arc<dyn Projection>));
+            projections.extend(extra);
+            let mut runner = ProjectionRunner::new(database.events(), store.clone())
+                .lease(Duration::from_secs_f64(config.lease_seconds.max(0.1)));
+            for projection in &projections {
+                runner = runner.with(projection.clone(), WorkerOptions::default())?;
+            }
+            let running = Arc::new(runner.start());
+            let names: Vec<String> = projections.iter().map(|p| p.name().to_owned()).collect();
+            serve(&config.listen, running.clone(), names).await?;
+            let running = Arc::try_unwrap(running).map_err(|_| "the HTTP server still holds the runner")?;
+            running.shutdown().await?;
+        }
+        Command::Status => status(&database, &*store, &config, &extra).await?,
+        Command::Rebuild { name } => rebuild(&database, store, &config, sql, extra, &name).await?,
+        Command::DeadLetters { action } => {
+            dead_letters(&database, &*store, sql.into_iter().map(|p| Arc::new(p) as _).chain(extra).collect(), action)
+                .await?
+        }
+    }
+    Ok(())
+}
+
+fn find(projections: &[Arc<dyn Projection>], name: &str) -> Result<Arc<dyn Projection>, Failure> {
+    projections.iter().find(|p| p.name() == name).cloned().ok_or_else(|| format!("no projection named {name:?}").into())
+}
+
+/// Serves /health and /metrics until SIGINT or SIGTERM.
+async fn serve(listen: &str, running: Arc<RunningProjections>, names: Vec<String>) -> Result<(), Failure> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+
+    let health = {
+        let (running, names) = (running.clone(), names.clone());
+        move || async move {
+            let stopped: Vec<&String> = names.iter().filter(|n| !running.is_running(n).unwrap_or(false)).collect();
+            if stopped.is_empty() {
+                (StatusCode::OK, "ok\n".to_owned())
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, format!("stopped: {stopped:?}\n"))
+            }
+        }
+    };
+    let metrics = {
+        let running = running.clone();
+        move || async move { metrics_text(&running, &names).await }
+    };
+    let app = axum::Router::new().route("/health", get(health)).route("/metrics", get(metrics));
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(address = %listen, "serving /health and /metrics");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("shutting down: finishing in-flight batches and releasing leases");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        () = terminate => {}
+    }
+}
+
+/// The Prometheus text exposition of every projection's lag.
+async fn metrics_text(running: &RunningProjections, names: &[String]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let gauges = [
+        ("annal_projection_running", "1 while the projection runs"),
+        ("annal_projection_events_behind", "events selected but not yet applied"),
+        ("annal_projection_seconds_behind", "age of the oldest event not yet applied"),
+        ("annal_projection_latency_seconds", "commit-to-applied latency quantiles"),
+    ];
+    for (metric, help) in gauges {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+        for name in names {
+            let label = format!("projection=\"{name}\"");
+            match metric {
+                "annal_projection_running" => {
+                    let up = u8::from(running.is_running(name).unwrap_or(false));
+                    let _ = writeln!(out, "{metric}{{{label}}} {up}");
+                }
+                _ => {
+                    let Ok(lag) = running.lag(name).await else { continue };
+                    match metric {
+                        "annal_projection_events_behind" => {
+                            let _ = writeln!(out, "{metric}{{{label}}} {}", lag.events_behind);
+                        }
+                        "annal_projection_seconds_behind" => {
+                            let _ = writeln!(out, "{metric}{{{label}}} {}", lag.time_behind.as_secs_f64());
+                        }
+                        _ => {
+                            for (quantile, value) in
+                                [("0.5", lag.latency.p50), ("0.99", lag.latency.p99), ("0.999", lag.latency.p999)]
+                            {
+                                let _ = writeln!(
+                                    out,
+                                    "{metric}{{{label},quantile=\"{quantile}\"}} {}",
+                                    value.as_secs_f64()
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn status(
+    database: &Database,
+    store: &dyn ProjectionStore,
+    config: &Config,
+    extra: &[Arc<dyn Projection>],
+) -> Result<(), Failure> {
+    let events = database.events();
+    let head = events.head().await?;
+    let mut targets: Vec<(String, annal_eventstore::Filter, u32)> = config
+        .projections
+        .iter()
+        .map(|p| SqlProjection::new(p).map(|s| (p.name.clone(), s.filter(), p.partitions.max(1))))
+        .collect::<Result<_, _>>()?;
+    targets.extend(extra.iter().map(|p| (p.name().to_owned(), p.filter(), p.partitions().max(1))));
+    println!(
+        "{:<24} {:>4} {:<22} {:<22} {:>10} {:>10} {:>6}  lease",
+        "projection", "part", "checkpoint", "head", "behind", "seconds", "dead"
+    );
+    for (name, filter, partitions) in targets {
+        let dead = store.dead_letters(&name).await?;
+        let leases = store.leases(&name).await?;
+        for partition in 0..partitions {
+            let checkpoint = store.checkpoint(&name, partition).await?;
+            let position = checkpoint.as_ref().map_or(annal_eventstore::Position::START, |c| c.position);
+            let behind = events.count(position, head, &filter).await?;
+            let oldest = events.read_all_page(position, &filter, 1).await?.events.into_iter().next();
+            let seconds = oldest
+                .filter(|_| behind > 0)
+                .map_or(0.0, |e| (chrono::Utc::now() - e.recorded_at).num_milliseconds() as f64 / 1e3);
+            let lease = leases.iter().find(|l| l.partition == partition).map_or("-".to_owned(), |l| {
+                let state = if l.expires_at > chrono::Utc::now() { "held" } else { "expired" };
+                format!("{} ({state}, token {})", l.owner, l.token)
+            });
+            let dead = dead.iter().filter(|d| d.partition == partition).count();
+            println!(
+                "{name:<24} {partition:>4} {:<22} {:<22} {behind:>10} {seconds:>10.1} {dead:>6}  {lease}",
+                position.to_string(),
+                head.to_string()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn rebuild(
+    database: &Database,
+    store: Arc<dyn ProjectionStore>,
+    config: &Config,
+    sql: Vec<SqlProjection>,
+    extra: Vec<Arc<dyn Projection>>,
+    name: &str,
+) -> Result<(), Failure> {
+    let reset = config.projections.iter().find(|p| p.name == name).map(|p| p.reset.clone()).unwrap_or_default();
+    let projections: Vec<Arc<dyn Projection>> = sql.into_iter().map(|p| Arc::new(p) as _).chain(extra).collect();
+    let projection = find(&projections, name)?;
+    database.execute(&reset, true).await?;
+    store.reset(name).await?;
+    let events = database.events();
+    let head = events.head().await?;
+    let total = events.count(annal_eventstore::Position::START, head, &projection.filter()).await?;
+    let running =
+        ProjectionRunner::new(events.clone(), store).with(projection.clone(), WorkerOptions::default())?.start();
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        let checkpoint = running.checkpoint(name).await?;
+        bar.set_position(total - events.count(checkpoint, head, &projection.filter()).await?.min(total));
+        if checkpoint >= head {
+            break;
+        }
+        if !running.is_running(name)? {
+            break;
+        }
+        let _ = running.wait_for(name, head, Duration::from_millis(250)).await;
+    }
+    bar.finish();
+    running.shutdown().await?;
+    println!("rebuilt {name}: {total} events replayed");
+    Ok(())
+}
+
+async fn dead_letters(
+    database: &Database,
+    store: &dyn ProjectionStore,
+    projections: Vec<Arc<dyn Projection>>,
+    action: DeadLetterAction,
+) -> Result<(), Failure> {
+    match action {
+        DeadLetterAction::List { projection } => {
+            println!("{:>6} {:<36} {:<28} {:>8} {:>4}  error", "id", "event", "stream@version", "attempts", "part");
+            for dead in store.dead_letters(&projection).await? {
+                println!(
+                    "{:>6} {:<36} {:<28} {:>8} {:>4}  {}",
+                    dead.id,
+                    dead.event_id,
+                    format!("{}@{}", dead.stream, dead.version),
+                    dead.attempts,
+                    dead.partition,
+                    dead.error
+                );
+            }
+        }
+        DeadLetterAction::Retry { projection, id } => {
+            let projection = find(&projections, &projection)?;
+            match retry_dead_letter(&*database.events(), store, &*projection, id).await? {
+                crate::Applied::Committed => println!("dead letter {id} applied and removed"),
+                crate::Applied::Moved => println!("dead letter {id} was already gone"),
+                crate::Applied::Failed(error) => return Err(format!("dead letter {id} failed again: {error}").into()),
+            }
+        }
+        DeadLetterAction::Skip { projection, id } => {
+            skip_dead_letter(store, &projection, id).await?;
+            println!("dead letter {id} removed without applying it");
+        }
+    }
+    Ok(())
+}
