@@ -46,6 +46,12 @@ pub struct SqlProjectionConfig {
     /// Partitions (default 1).
     #[serde(default = "default_partitions")]
     pub partitions: u32,
+    /// Attempts per failing event before it is parked (default 7).
+    #[serde(default = "default_attempts")]
+    pub retry_attempts: u32,
+    /// The first pause between attempts, in milliseconds (default 100; it doubles, up to 60 s).
+    #[serde(default = "default_retry_ms")]
+    pub retry_initial_ms: u64,
     /// Statements run once before the projection starts (create its tables).
     #[serde(default)]
     pub setup: Vec<String>,
@@ -62,6 +68,14 @@ fn default_batch() -> usize {
 
 fn default_partitions() -> u32 {
     1
+}
+
+fn default_attempts() -> u32 {
+    7
+}
+
+fn default_retry_ms() -> u64 {
+    100
 }
 
 /// The named parameters a handler statement may use.
@@ -88,7 +102,20 @@ pub struct Statement {
     pub parameters: Vec<&'static str>,
 }
 
-/// Turns `:name` parameters into numbered ones, leaving string literals, quoted identifiers,
+/// The PostgreSQL type of each parameter: placeholders carry it (`$2::jsonb`) so statements can
+/// be prepared, and checked, before any value is bound.
+fn postgres_type(parameter: &str) -> &'static str {
+    match parameter {
+        "data" | "metadata" => "jsonb",
+        "recorded_at" => "timestamptz",
+        "event_id" => "uuid",
+        "version" | "schema_version" => "int8",
+        _ => "text",
+    }
+}
+
+/// Turns `:name` parameters into numbered ones (`$1::type` with `placeholder` `$`, for
+/// PostgreSQL; `?1` otherwise, for SQLite), leaving string literals, quoted identifiers,
 /// comments and `::` casts alone.
 pub fn compile(sql: &str, placeholder: char) -> Result<Statement, String> {
     let chars: Vec<char> = sql.chars().collect();
@@ -129,6 +156,10 @@ pub fn compile(sql: &str, placeholder: char) -> Result<Statement, String> {
                 };
                 out.push(placeholder);
                 out.push_str(&(index + 1).to_string());
+                if placeholder == '$' {
+                    out.push_str("::");
+                    out.push_str(postgres_type(known));
+                }
                 i = end;
             }
             _ => {
@@ -177,7 +208,7 @@ mod tests {
     fn named_parameters_become_positional() {
         let s = compile("INSERT INTO t VALUES (:stream_id, (:data ->> 'a:b')::int, :stream_id, ':x') -- :nope", '$')
             .unwrap();
-        assert_eq!(s.sql, "INSERT INTO t VALUES ($1, ($2 ->> 'a:b')::int, $1, ':x') -- :nope");
+        assert_eq!(s.sql, "INSERT INTO t VALUES ($1::text, ($2::jsonb ->> 'a:b')::int, $1::text, ':x') -- :nope");
         assert_eq!(s.parameters, ["stream_id", "data"]);
         assert_eq!(compile("SELECT :version", '?').unwrap().sql, "SELECT ?1");
         let err = compile("SELECT :stream_name", '$').unwrap_err();

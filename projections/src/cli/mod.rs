@@ -154,8 +154,13 @@ impl Database {
     async fn check(&self, config: &Config, projections: &[SqlProjection], commit: bool) -> Result<(), Failure> {
         let setup: Vec<String> = config.projections.iter().flat_map(|p| p.setup.clone()).collect();
         macro_rules! check {
-            ($pool:expr, $statements:ident) => {{
-                let mut tx = $pool.begin().await?;
+            ($pool:expr, $statements:ident, $begin:literal) => {{
+                // Serialised between runners starting together: concurrent `CREATE TABLE IF NOT
+                // EXISTS` can fail on PostgreSQL.
+                let mut tx = $pool.begin_with($begin).await?;
+                if $begin == "BEGIN" {
+                    sqlx::query("SELECT pg_advisory_xact_lock(7046716111)").execute(&mut *tx).await?;
+                }
                 for statement in &setup {
                     sqlx::raw_sql(AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
                 }
@@ -170,8 +175,8 @@ impl Database {
             }};
         }
         match self {
-            Database::Postgres(store) => check!(store.pool(), postgres_statements),
-            Database::Sqlite(store) => check!(store.writer(), sqlite_statements),
+            Database::Postgres(store) => check!(store.pool(), postgres_statements, "BEGIN"),
+            Database::Sqlite(store) => check!(store.writer(), sqlite_statements, "BEGIN IMMEDIATE"),
         }
         Ok(())
     }
@@ -225,7 +230,7 @@ async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<(), Failure> {
             let mut runner = ProjectionRunner::new(database.events(), store.clone())
                 .lease(Duration::from_secs_f64(config.lease_seconds.max(0.1)));
             for projection in &projections {
-                runner = runner.with(projection.clone(), WorkerOptions::default())?;
+                runner = runner.with(projection.clone(), options_for(&config, projection.name()))?;
             }
             let running = Arc::new(runner.start());
             let names: Vec<String> = projections.iter().map(|p| p.name().to_owned()).collect();
@@ -241,6 +246,14 @@ async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// The worker options a configured projection asks for (defaults for Rust projections).
+fn options_for(config: &Config, name: &str) -> WorkerOptions {
+    let Some(p) = config.projections.iter().find(|p| p.name == name) else { return WorkerOptions::default() };
+    let retry =
+        crate::RetryPolicy::default().attempts(p.retry_attempts).initial(Duration::from_millis(p.retry_initial_ms));
+    WorkerOptions::default().retry(retry)
 }
 
 fn find(projections: &[Arc<dyn Projection>], name: &str) -> Result<Arc<dyn Projection>, Failure> {
