@@ -544,3 +544,39 @@ mod leases {
     }
     lease_backends!(partitions_are_shared_and_taken_over, a_writer_that_lost_its_lease_writes_nothing);
 }
+
+/// Fails every event with a decode error: nothing a retry can cure.
+struct Undecodable;
+
+#[annal::async_trait]
+impl Projection for Undecodable {
+    fn name(&self) -> &str {
+        "undecodable"
+    }
+    async fn handle(&self, events: &[RecordedEvent], _tx: &mut Tx<'_>) -> Result<(), BoxError> {
+        let event = &events[0];
+        Err(Box::new(annal::Error::Decode {
+            what: format!("event {}@{}", event.stream, event.version),
+            event_type: event.event_type.clone(),
+            schema_version: event.schema_version,
+            reason: "unknown event type".into(),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn undecodable_events_are_parked_without_retries() {
+    let backend = memory();
+    let (_, last) = append(&*backend.events, "order", 1, 2).await;
+    // A long first pause: retrying would make this test take minutes.
+    let options = WorkerOptions::default().retry(RetryPolicy::default().initial(Duration::from_secs(60)));
+    let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(Arc::new(Undecodable), options)
+        .unwrap()
+        .start();
+    running.wait_for("undecodable", last, PATIENCE).await.unwrap();
+    running.shutdown().await.unwrap();
+    let parked = backend.store.dead_letters("undecodable").await.unwrap();
+    assert_eq!(parked.len(), 2);
+    assert_eq!((parked[0].attempts, parked[1].attempts), (1, 0), "parked at the first failure, then behind it");
+}

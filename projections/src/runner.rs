@@ -147,21 +147,25 @@ impl Coordinator {
         let options = WorkerOptions { partition, ..self.options.clone() };
         let worker_fence = fence.clone();
         let worker_cancel = cancel.clone();
-        let task = tokio::spawn(async move {
-            let worker = Worker {
-                events: &*events,
-                store: &*store,
-                projection: &*projection,
-                options: &options,
-                progress: &progress,
-                fence: Some(worker_fence),
-            };
-            let result = worker.run(&worker_cancel).await;
-            if let Err(error) = &result {
-                tracing::error!(projection = projection.name(), partition, %error, "projection partition stopped");
-            }
-            result
-        });
+        let span = tracing::info_span!("projection", name = self.name(), partition);
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let worker = Worker {
+                    events: &*events,
+                    store: &*store,
+                    projection: &*projection,
+                    options: &options,
+                    progress: &progress,
+                    fence: Some(worker_fence),
+                };
+                let result = worker.run(&worker_cancel).await;
+                if let Err(error) = &result {
+                    tracing::error!(projection = projection.name(), partition, %error, "projection partition stopped");
+                }
+                result
+            },
+            span,
+        ));
         tracing::info!(projection = self.name(), partition, token = fence.token, owner = %self.owner, "took partition");
         Held { fence, cancel, task }
     }

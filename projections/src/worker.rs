@@ -10,6 +10,7 @@ use chrono::Utc;
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::projection::{Tx, validate_name};
 use crate::store::{Applied, Fence, Park, ProjectionStore};
@@ -192,7 +193,15 @@ impl Worker<'_> {
                     }
                 }
             } else {
-                self.process(checkpoint, page, cancel).await
+                let span = tracing::debug_span!(
+                    "batch",
+                    projection = self.name(),
+                    partition = self.options.partition,
+                    from = %checkpoint,
+                    to = %page.next,
+                    events = page.events.len(),
+                );
+                self.process(checkpoint, page, cancel).instrument(span).await
             };
             match outcome {
                 Ok(Outcome::At(position)) => {
@@ -322,7 +331,7 @@ impl Worker<'_> {
                         break;
                     }
                     Applied::Moved => return Ok(Outcome::Moved),
-                    Applied::Failed(error) if attempt >= policy.attempts => {
+                    Applied::Failed(error) if attempt >= policy.attempts || is_permanent(&error) => {
                         let error = error.to_string();
                         match self.options.on_failure {
                             OnFailure::Stop => {
@@ -378,6 +387,15 @@ impl Worker<'_> {
         let park = Park { event, error, attempts };
         self.store.park(self.name(), self.options.partition, at, park, self.fence.as_ref()).await
     }
+}
+
+/// Errors that no retry can cure: the event cannot even be decoded. They are parked (or stop the
+/// projection) at once instead of after every back-off.
+fn is_permanent(error: &annal_eventstore::BoxError) -> bool {
+    matches!(
+        error.downcast_ref::<annal_eventstore::Error>(),
+        Some(annal_eventstore::Error::Decode { .. } | annal_eventstore::Error::Corrupt { .. })
+    )
 }
 
 /// The partition of a stream: a stable hash (64-bit FNV-1a) of its name, so each stream's
