@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use annal::projections::{
-    Applied, Delivery, Error, OnFailure, Projection, ProjectionRunner, ProjectionStore, RetryPolicy, Tx, WorkerOptions,
-    retry_dead_letter,
+    Applied, DedupStore, Delivery, Error, OnFailure, Projection, ProjectionRunner, ProjectionStore, RetryPolicy, Tx,
+    WorkerOptions, retry_dead_letter,
 };
 use annal::{BoxError, EventStore, ExpectedVersion, Filter, NewEvent, Position, RecordedEvent, StreamName};
 use serde_json::json;
@@ -129,6 +129,7 @@ type ReadLedger = dyn Fn(&'static str, Arc<Ledger>) -> futures::future::BoxFutur
 struct Backend {
     events: Arc<dyn EventStore>,
     store: Arc<dyn ProjectionStore>,
+    dedup: Arc<dyn DedupStore>,
     read: Arc<ReadLedger>,
 }
 
@@ -139,9 +140,11 @@ impl Backend {
 }
 
 fn memory() -> Backend {
+    let store = Arc::new(annal::projections::MemoryProjectionStore::new());
     Backend {
         events: Arc::new(annal::MemoryEventStore::new()),
-        store: Arc::new(annal::projections::MemoryProjectionStore::new()),
+        store: store.clone(),
+        dedup: store,
         read: Arc::new(|_, ledger| Box::pin(async move { ledger.memory.lock().unwrap().clone() })),
     }
 }
@@ -150,11 +153,12 @@ fn memory() -> Backend {
 async fn sqlite() -> (Backend, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let events = annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap();
-    let store = annal::projections::SqliteProjectionStore::new(&events).await.unwrap();
+    let store = Arc::new(annal::projections::SqliteProjectionStore::new(&events).await.unwrap());
     let pool = events.writer().clone();
     let backend = Backend {
         events: Arc::new(events),
-        store: Arc::new(store),
+        store: store.clone(),
+        dedup: store,
         read: Arc::new(move |name, _| {
             let pool = pool.clone();
             Box::pin(async move {
@@ -174,11 +178,12 @@ async fn sqlite() -> (Backend, tempfile::TempDir) {
 #[cfg(feature = "postgres")]
 async fn postgres() -> Backend {
     let events = support::pg::fresh_store().await;
-    let store = annal::projections::PgProjectionStore::new(&events).await.unwrap();
+    let store = Arc::new(annal::projections::PgProjectionStore::new(&events).await.unwrap());
     let pool = events.pool().clone();
     Backend {
         events: Arc::new(events),
-        store: Arc::new(store),
+        store: store.clone(),
+        dedup: store,
         read: Arc::new(move |name, _| {
             let pool = pool.clone();
             Box::pin(async move {
@@ -542,7 +547,11 @@ mod leases {
             }
         };
     }
-    lease_backends!(partitions_are_shared_and_taken_over, a_writer_that_lost_its_lease_writes_nothing);
+    lease_backends!(
+        partitions_are_shared_and_taken_over,
+        a_writer_that_lost_its_lease_writes_nothing,
+        dedup_records_are_kept_then_pruned
+    );
 }
 
 /// Fails every event with a decode error: nothing a retry can cure.
@@ -579,4 +588,20 @@ async fn undecodable_events_are_parked_without_retries() {
     let parked = backend.store.dead_letters("undecodable").await.unwrap();
     assert_eq!(parked.len(), 2);
     assert_eq!((parked[0].attempts, parked[1].attempts), (1, 0), "parked at the first failure, then behind it");
+}
+
+async fn dedup_records_are_kept_then_pruned(backend: Backend) {
+    let dedup = &*backend.dedup;
+    let id = Uuid::now_v7();
+    assert!(!dedup.is_recorded("mailer", id).await.unwrap());
+    assert!(dedup.record("mailer", id).await.unwrap());
+    assert!(!dedup.record("mailer", id).await.unwrap(), "recorded twice");
+    assert!(dedup.is_recorded("mailer", id).await.unwrap());
+    assert!(!dedup.is_recorded("texter", id).await.unwrap(), "consumers are separate");
+    assert_eq!(dedup.prune("mailer", Duration::from_secs(3600)).await.unwrap(), 0);
+    assert!(dedup.is_recorded("mailer", id).await.unwrap());
+    // Letting the record age past a 1 ms window is the point here, not synchronisation.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(dedup.prune("mailer", Duration::from_millis(1)).await.unwrap(), 1);
+    assert!(!dedup.is_recorded("mailer", id).await.unwrap());
 }

@@ -42,7 +42,7 @@ pub use crate::retry::{OnFailure, RetryPolicy};
 pub use crate::runner::{Lag, ProjectionRunner, RunningProjections};
 #[cfg(feature = "sqlite")]
 pub use crate::sqlite::SqliteProjectionStore;
-pub use crate::store::{Applied, Checkpoint, DeadLetter, Fence, Lease, Park, ProjectionStore};
+pub use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
 pub use crate::worker::{Latency, Progress, WorkerOptions, partition_of};
 
 /// `Result` with the projections' [`Error`].

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::projection::Tx;
-use crate::store::{Applied, Checkpoint, DeadLetter, Fence, Lease, Park, ProjectionStore};
+use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
 use crate::{Projection, Result};
 
 /// Checkpoints and dead letters in memory. Without transactions, [`ProjectionStore::apply`]
@@ -27,6 +27,7 @@ struct State {
     next_id: i64,
     leases: HashMap<(String, u32), Lease>,
     runners: HashMap<String, DateTime<Utc>>,
+    dedup: HashMap<(String, uuid::Uuid), DateTime<Utc>>,
 }
 
 impl MemoryProjectionStore {
@@ -235,5 +236,30 @@ impl ProjectionStore for MemoryProjectionStore {
         state.checkpoints.retain(|(name, _), _| name != projection);
         state.dead_letters.retain(|d| d.projection != projection);
         Ok(())
+    }
+}
+
+#[async_trait]
+impl DedupStore for MemoryProjectionStore {
+    async fn is_recorded(&self, consumer: &str, event_id: uuid::Uuid) -> Result<bool> {
+        Ok(self.state().dedup.contains_key(&(consumer.to_owned(), event_id)))
+    }
+
+    async fn record(&self, consumer: &str, event_id: uuid::Uuid) -> Result<bool> {
+        let mut state = self.state();
+        let key = (consumer.to_owned(), event_id);
+        if state.dedup.contains_key(&key) {
+            return Ok(false);
+        }
+        state.dedup.insert(key, Utc::now());
+        Ok(true)
+    }
+
+    async fn prune(&self, consumer: &str, retention: Duration) -> Result<u64> {
+        let cutoff = Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+        let mut state = self.state();
+        let before = state.dedup.len();
+        state.dedup.retain(|(c, _), at| c != consumer || *at >= cutoff);
+        Ok((before - state.dedup.len()) as u64)
     }
 }

@@ -11,7 +11,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow};
 
 use crate::projection::Tx;
 use crate::sql::{self, to_i64, to_u64};
-use crate::store::{Applied, Checkpoint, DeadLetter, Fence, Lease, Park, ProjectionStore};
+use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
 use crate::{Error, Projection, Result};
 
 /// Checkpoints and dead letters in PostgreSQL, beside a [`PgEventStore`]'s events.
@@ -306,5 +306,38 @@ impl ProjectionStore for PgProjectionStore {
         sqlx::query(sql::RESET_DEAD_LETTERS).bind(projection).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl DedupStore for PgProjectionStore {
+    async fn is_recorded(&self, consumer: &str, event_id: uuid::Uuid) -> Result<bool> {
+        let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM annal_dedup WHERE consumer = $1 AND event_id = $2")
+            .bind(consumer)
+            .bind(event_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    async fn record(&self, consumer: &str, event_id: uuid::Uuid) -> Result<bool> {
+        let inserted =
+            sqlx::query("INSERT INTO annal_dedup (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(consumer)
+                .bind(event_id)
+                .execute(&self.pool)
+                .await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    async fn prune(&self, consumer: &str, retention: Duration) -> Result<u64> {
+        let pruned = sqlx::query(
+            "DELETE FROM annal_dedup WHERE consumer = $1 AND recorded_at < clock_timestamp() - $2 * interval '1 millisecond'",
+        )
+        .bind(consumer)
+        .bind(retention.as_secs_f64() * 1e3)
+        .execute(&self.pool)
+        .await?;
+        Ok(pruned.rows_affected())
     }
 }

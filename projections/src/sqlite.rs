@@ -11,7 +11,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 
 use crate::projection::Tx;
 use crate::sql::{self, to_i64, to_u64};
-use crate::store::{Applied, Checkpoint, DeadLetter, Fence, Lease, Park, ProjectionStore};
+use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
 use crate::{Error, Projection, Result};
 
 /// Checkpoints and dead letters in SQLite, beside a [`SqliteEventStore`]'s events, written
@@ -317,4 +317,38 @@ fn micros(value: i64) -> DateTime<Utc> {
 
 fn micros_of(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl DedupStore for SqliteProjectionStore {
+    async fn is_recorded(&self, consumer: &str, event_id: uuid::Uuid) -> Result<bool> {
+        let found: Option<i64> = sqlx::query_scalar("SELECT 1 FROM annal_dedup WHERE consumer = ?1 AND event_id = ?2")
+            .bind(consumer)
+            .bind(event_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(found.is_some())
+    }
+
+    async fn record(&self, consumer: &str, event_id: uuid::Uuid) -> Result<bool> {
+        let inserted = sqlx::query(
+            "INSERT INTO annal_dedup (consumer, event_id, recorded_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        )
+        .bind(consumer)
+        .bind(event_id)
+        .bind(Utc::now().timestamp_micros())
+        .execute(&self.pool)
+        .await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    async fn prune(&self, consumer: &str, retention: Duration) -> Result<u64> {
+        let cutoff = Utc::now().timestamp_micros() - micros_of(retention);
+        let pruned = sqlx::query("DELETE FROM annal_dedup WHERE consumer = ?1 AND recorded_at < ?2")
+            .bind(consumer)
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?;
+        Ok(pruned.rows_affected())
+    }
 }

@@ -178,3 +178,22 @@ pub trait ProjectionStore: Send + Sync {
     /// beginning (a rebuild; reset the read model in the same breath).
     async fn reset(&self, projection: &str) -> Result<()>;
 }
+
+/// A persistent record of the events an at-least-once consumer has handled, for effects outside
+/// the database (emails, HTTP calls): check before the effect, record after it. A crash between
+/// the two repeats the effect once, the best at-least-once allows; everything else is skipped.
+///
+/// Records are kept for a retention window: [`DedupStore::prune`] forgets older ones, so size
+/// the window above the longest time an event can be redelivered (a rebuild replays everything,
+/// so reset the records with it).
+#[async_trait]
+pub trait DedupStore: Send + Sync {
+    /// Whether `consumer` has recorded `event_id`.
+    async fn is_recorded(&self, consumer: &str, event_id: Uuid) -> Result<bool>;
+
+    /// Records that `consumer` handled `event_id`. Returns `false` if it was recorded already.
+    async fn record(&self, consumer: &str, event_id: Uuid) -> Result<bool>;
+
+    /// Forgets the records of `consumer` older than `retention`; returns how many.
+    async fn prune(&self, consumer: &str, retention: Duration) -> Result<u64>;
+}
