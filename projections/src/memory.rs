@@ -68,8 +68,11 @@ impl State {
             return false;
         }
         let previous = self.checkpoints.get(&key).and_then(|c| c.last_recorded_at);
-        self.checkpoints
-            .insert(key, Checkpoint { position: to, updated_at: Utc::now(), last_recorded_at: last.or(previous) });
+        let latency_p99 = self.checkpoints.get(&key).and_then(|c| c.latency_p99);
+        self.checkpoints.insert(
+            key,
+            Checkpoint { position: to, updated_at: Utc::now(), last_recorded_at: last.or(previous), latency_p99 },
+        );
         true
     }
 }
@@ -166,6 +169,13 @@ impl ProjectionStore for MemoryProjectionStore {
         let before = state.dead_letters.len();
         state.dead_letters.retain(|d| !(d.id == id && d.projection == projection));
         Ok(state.dead_letters.len() < before)
+    }
+
+    async fn record_latency(&self, projection: &str, partition: u32, p99: Duration) -> Result<()> {
+        if let Some(checkpoint) = self.state().checkpoints.get_mut(&(projection.to_owned(), partition)) {
+            checkpoint.latency_p99 = Some(p99);
+        }
+        Ok(())
     }
 
     async fn acquire_lease(

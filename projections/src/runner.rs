@@ -186,6 +186,13 @@ impl Coordinator {
         let partitions = self.projection.partitions().max(1);
         let runners = self.store.register_runner(&self.owner, self.lease).await?.max(1);
         let share = usize::try_from(partitions).unwrap_or(usize::MAX).div_ceil(runners);
+        // Report the latency measured here, for `annal-runner status` in other processes.
+        let latency = self.progress.latency();
+        if latency.count > 0 {
+            for &partition in held.keys() {
+                self.store.record_latency(self.name(), partition, latency.p99).await?;
+            }
+        }
         // Partitions whose worker ended (stopped on an event), or whose lease was taken.
         let mut ended = Vec::new();
         for (&partition, h) in held.iter() {

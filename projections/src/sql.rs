@@ -19,12 +19,15 @@ pub(crate) const CREATE: &str = "INSERT INTO annal_checkpoints \
                     AND l.owner = $7 AND l.token = $8) OR $7 IS NULL) \
      ON CONFLICT (projection, partition) DO NOTHING";
 
+pub(crate) const LATENCY: &str =
+    "UPDATE annal_checkpoints SET latency_p99_us = $3 WHERE projection = $1 AND partition = $2";
+
 pub(crate) const LEASES: &str =
     "SELECT partition, owner, token, expires_at FROM annal_leases WHERE projection = $1 ORDER BY partition";
 
 pub(crate) const DEREGISTER: &str = "DELETE FROM annal_runners WHERE owner = $1";
 
-pub(crate) const CHECKPOINT: &str = "SELECT position_tx, position_seq, updated_at, last_recorded_at \
+pub(crate) const CHECKPOINT: &str = "SELECT position_tx, position_seq, updated_at, last_recorded_at, latency_p99_us \
      FROM annal_checkpoints WHERE projection = $1 AND partition = $2";
 
 pub(crate) const PARK: &str = "INSERT INTO annal_dead_letters \

@@ -112,6 +112,7 @@ impl ProjectionStore for SqliteProjectionStore {
                 position: Position::new(to_u64(row.try_get(0)?), to_u64(row.try_get(1)?)),
                 updated_at: micros(row.try_get(2)?),
                 last_recorded_at: row.try_get::<Option<i64>, _>(3)?.map(micros),
+                latency_p99: row.try_get::<Option<i64>, _>(4)?.map(|us| Duration::from_micros(to_u64(us))),
             })
         })
         .transpose()
@@ -212,6 +213,16 @@ impl ProjectionStore for SqliteProjectionStore {
         let removed =
             sqlx::query(sql::sqlite(sql::REMOVE_DEAD_LETTER)).bind(projection).bind(id).execute(&self.pool).await?;
         Ok(removed.rows_affected() == 1)
+    }
+
+    async fn record_latency(&self, projection: &str, partition: u32, p99: Duration) -> Result<()> {
+        sqlx::query(sql::sqlite(sql::LATENCY))
+            .bind(projection)
+            .bind(i64::from(partition))
+            .bind(i64::try_from(p99.as_micros()).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn acquire_lease(

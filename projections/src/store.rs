@@ -19,6 +19,8 @@ pub struct Checkpoint {
     pub updated_at: DateTime<Utc>,
     /// When the last event applied was recorded (`None` before the first).
     pub last_recorded_at: Option<DateTime<Utc>>,
+    /// The commit-to-applied p99 latency the partition's runner last reported.
+    pub latency_p99: Option<Duration>,
 }
 
 /// An event a projection gave up on, with why.
@@ -148,6 +150,10 @@ pub trait ProjectionStore: Send + Sync {
 
     /// Removes a dead letter without applying it. Returns `false` if it was not there.
     async fn remove_dead_letter(&self, projection: &str, id: i64) -> Result<bool>;
+
+    /// Stores the p99 latency a runner measured for a partition, for status reports from other
+    /// processes.
+    async fn record_latency(&self, projection: &str, partition: u32, p99: Duration) -> Result<()>;
 
     /// Takes the lease of a partition for `owner` if it is free or expired (or already
     /// `owner`'s), for `ttl`. Returns the fence to write with, or `None` if another runner holds it.

@@ -109,16 +109,28 @@ async fn runs_a_sql_projection_reports_status_and_stops_on_sigterm() {
         assert!(Instant::now() < deadline, "the read model never caught up: {:?}", ledger(&store).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = annal(&setup.config, &["status"]);
-    let table = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success() && table.contains("ledger") && table.contains(" 0 "), "{table}");
-    assert!(table.contains("held"), "a running runner holds its lease:\n{table}");
+    // Status: running, nothing behind, and (once the runner has reported it) a p99 latency.
+    loop {
+        let status = annal(&setup.config, &["status"]);
+        let table = String::from_utf8_lossy(&status.stdout).to_string();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        let row: Vec<&str> =
+            table.lines().find(|l| l.starts_with("ledger")).unwrap_or_default().split_whitespace().collect();
+        if row.len() > 8 && row[7] != "-" {
+            assert_eq!((row[2], row[5], row[8]), ("running", "0", "0"), "{table}");
+            assert!(row[7].parse::<f64>().is_ok(), "{table}");
+            assert!(table.contains("held"), "a running runner holds its lease:\n{table}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "status never showed a latency:\n{table}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // SIGTERM: the runner finishes its batch, releases its lease and exits cleanly.
     assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let table = String::from_utf8_lossy(&annal(&setup.config, &["status"]).stdout).to_string();
-    assert!(table.contains("expired"), "the lease was not released:\n{table}");
+    assert!(table.contains("expired") && table.contains("stopped"), "the lease was not released:\n{table}");
     // Rebuild: empty the read model, replay everything.
     let rebuilt = annal(&setup.config, &["rebuild", "ledger"]);
     assert!(rebuilt.status.success(), "{}", String::from_utf8_lossy(&rebuilt.stderr));

@@ -370,8 +370,8 @@ async fn status(
         .collect::<Result<_, _>>()?;
     targets.extend(extra.iter().map(|p| (p.name().to_owned(), p.filter(), p.partitions().max(1))));
     println!(
-        "{:<24} {:>4} {:<22} {:<22} {:>10} {:>10} {:>6}  lease",
-        "projection", "part", "checkpoint", "head", "behind", "seconds", "dead"
+        "{:<24} {:>4} {:<8} {:<22} {:<22} {:>10} {:>10} {:>10} {:>6}  lease",
+        "projection", "part", "state", "checkpoint", "head", "behind", "seconds", "p99 ms", "dead"
     );
     for (name, filter, partitions) in targets {
         let dead = store.dead_letters(&name).await?;
@@ -384,13 +384,19 @@ async fn status(
             let seconds = oldest
                 .filter(|_| behind > 0)
                 .map_or(0.0, |e| (chrono::Utc::now() - e.recorded_at).num_milliseconds() as f64 / 1e3);
-            let lease = leases.iter().find(|l| l.partition == partition).map_or("-".to_owned(), |l| {
-                let state = if l.expires_at > chrono::Utc::now() { "held" } else { "expired" };
-                format!("{} ({state}, token {})", l.owner, l.token)
+            let lease = leases.iter().find(|l| l.partition == partition);
+            let held = lease.is_some_and(|l| l.expires_at > chrono::Utc::now());
+            let lease = lease.map_or("-".to_owned(), |l| {
+                format!("{} ({}, token {})", l.owner, if held { "held" } else { "expired" }, l.token)
             });
+            let state = if held { "running" } else { "stopped" };
+            let p99 = checkpoint
+                .as_ref()
+                .and_then(|c| c.latency_p99)
+                .map_or("-".to_owned(), |d| format!("{:.1}", d.as_secs_f64() * 1e3));
             let dead = dead.iter().filter(|d| d.partition == partition).count();
             println!(
-                "{name:<24} {partition:>4} {:<22} {:<22} {behind:>10} {seconds:>10.1} {dead:>6}  {lease}",
+                "{name:<24} {partition:>4} {state:<8} {:<22} {:<22} {behind:>10} {seconds:>10.1} {p99:>10} {dead:>6}  {lease}",
                 position.to_string(),
                 head.to_string()
             );
