@@ -1,0 +1,48 @@
+//! Your own runner binary: Rust projections beside the configured SQL ones, with the same
+//! command line as `annal-runner` (run, status, rebuild, dead-letters, migrate, check).
+//!
+//! ```text
+//! cargo run --example custom_runner --features runner -- --config annal.toml run
+//! ```
+
+use std::sync::Arc;
+
+use annal::projections::{Delivery, Projection, Tx};
+use annal::{BoxError, Filter, RecordedEvent};
+
+/// Sends a (pretend) welcome email for every opened account: an effect outside the database,
+/// so at-least-once, deduplicated by event id in memory.
+struct WelcomeMails {
+    sent: annal::projections::Dedup,
+}
+
+#[annal::async_trait]
+impl Projection for WelcomeMails {
+    fn name(&self) -> &str {
+        "welcome_mails"
+    }
+
+    fn filter(&self) -> Filter {
+        Filter::event_types(["AccountOpened"])
+    }
+
+    fn delivery(&self) -> Delivery {
+        Delivery::AtLeastOnce
+    }
+
+    async fn handle(&self, events: &[RecordedEvent], _tx: &mut Tx<'_>) -> Result<(), BoxError> {
+        for event in events {
+            if self.sent.first_time(event.id) {
+                tracing::info!(account = %event.stream, "sending a welcome mail");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let projections: Vec<Arc<dyn Projection>> =
+        vec![Arc::new(WelcomeMails { sent: annal::projections::Dedup::new(100_000) })];
+    std::process::exit(annal::projections::cli::main_with(projections).await);
+}
