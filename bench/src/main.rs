@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use annal::{EventStore, ExpectedVersion, NewEvent, PgEventStore, SqliteEventStore, StreamName};
+use annal_eventstore::{EventStore, ExpectedVersion, NewEvent, PgEventStore, SqliteEventStore, StreamName};
 use anyhow::Context;
 use clap::Parser;
 use serde_json::json;
@@ -238,7 +238,7 @@ fn events(n: usize) -> Vec<NewEvent> {
     (0..n)
         .map(|i| {
             NewEvent::new("Deposited", json!({ "amount": 42 + i, "currency": "EUR", "note": "benchmark payload" }))
-                .with_metadata(annal::Metadata::default().with_correlation_id(Uuid::now_v7()))
+                .with_metadata(annal_eventstore::Metadata::default().with_correlation_id(Uuid::now_v7()))
         })
         .collect()
 }
