@@ -7,8 +7,14 @@
 //! - A [`ProjectionStore`] keeps checkpoints and dead letters beside the events:
 //!   [`MemoryProjectionStore`], and `SqliteProjectionStore` / `PgProjectionStore` behind the
 //!   `sqlite` / `postgres` features, whose transactions give exactly-once effect.
-//! - A [`ProjectionRunner`] runs projections; [`RunningProjections`] waits for positions
-//!   (read-your-writes), reports [`Lag`] and shuts down gracefully.
+//! - A [`ProjectionRunner`] runs projections, sharing their partitions with other runner
+//!   processes through leases; [`RunningProjections`] waits for positions (read-your-writes),
+//!   reports [`Lag`] and shuts down gracefully.
+//! - Behind the `runner` feature, the `cli` module is the `annal-runner` command line, for
+//!   declarative SQL projections and your own Rust ones.
+//!
+//! The guarantees in plain words are in `docs/projections.md`; running it in production in
+//! `docs/runner.md`.
 
 #[cfg(feature = "runner")]
 pub mod cli;
