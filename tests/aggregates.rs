@@ -103,8 +103,28 @@ backends!(
     metadata_flows_into_every_event,
     snapshots_never_change_what_load_returns,
     rejected_commands_write_nothing,
-    conflicts_are_retried_then_reported
+    conflicts_are_retried_then_reported,
+    a_repeated_command_id_takes_effect_once
 );
+
+async fn a_repeated_command_id_takes_effect_once<S: EventStore + Clone + 'static>(store: S) {
+    let repository = Repository::<Account, _>::new(store.clone());
+    let command_id = Uuid::now_v7();
+    let deposit = || AccountCommand::Deposit(10);
+    let first = repository.execute_once(&8, command_id, deposit(), Metadata::default()).await.unwrap();
+    assert!(!first.repeated);
+    // Someone else's command lands in between.
+    repository.execute(&8, AccountCommand::Deposit(1)).await.unwrap();
+    // The first reply was lost; the caller sends the same command again.
+    let again = repository.execute_once(&8, command_id, deposit(), Metadata::default()).await.unwrap();
+    assert!(again.repeated);
+    assert_eq!(again.events, first.events, "the events written the first time, with their positions");
+    assert_eq!((again.state.balance, again.version), (11, Some(1)));
+    assert_eq!(history(&store, 8).await.len(), 2, "the deposit was written once");
+    // Another command id is another command.
+    let other = repository.execute_once(&8, Uuid::now_v7(), deposit(), Metadata::default()).await.unwrap();
+    assert_eq!((other.repeated, other.state.balance), (false, 21));
+}
 
 async fn concurrent_commands_lose_no_update<S: EventStore + Clone + 'static>(store: S) {
     const TASKS: u64 = 8;

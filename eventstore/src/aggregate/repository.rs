@@ -45,6 +45,9 @@ pub struct Executed<A: Aggregate> {
     pub events: Vec<Committed<A::Event>>,
     /// How many times the command was decided: 1, plus one per conflict retried.
     pub attempts: usize,
+    /// `true` when [`Repository::execute_once`] found the command already executed: nothing new
+    /// was written, and `events` are the ones written then.
+    pub repeated: bool,
 }
 
 impl<A: Aggregate> Executed<A> {
@@ -224,17 +227,58 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
     where
         A::Command: Clone,
     {
+        self.run(id, command, metadata, None).await
+    }
+
+    /// [`Repository::execute_with`], safe to repeat: the events' ids derive from `command_id`
+    /// (UUIDv5 of the command id and the event's index), so when a first call committed but its
+    /// caller never heard (a lost reply, a crash), calling again with the same `command_id`
+    /// writes nothing and returns `repeated: true` with the events written the first time.
+    ///
+    /// # Errors
+    /// As [`Repository::execute`].
+    pub async fn execute_once(
+        &self,
+        id: &A::Id,
+        command_id: Uuid,
+        command: A::Command,
+        metadata: Metadata,
+    ) -> Result<Executed<A>, CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.run(id, command, metadata, Some(command_id)).await
+    }
+
+    async fn run(
+        &self,
+        id: &A::Id,
+        command: A::Command,
+        metadata: Metadata,
+        command_id: Option<Uuid>,
+    ) -> Result<Executed<A>, CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        let event_id = |i: usize| command_id.map(|c| Uuid::new_v5(&c, &(i as u64).to_be_bytes()));
         let stream = A::stream_name(id)?;
         let mut retries = 0;
         loop {
             let Loaded { mut state, version } = self.load_stream(&stream).await?;
             let events = state.handle(command.clone()).map_err(CommandError::Rejected)?;
             if events.is_empty() {
-                return Ok(Executed { state, version, events: Vec::new(), attempts: retries + 1 });
+                return Ok(Executed { state, version, events: Vec::new(), attempts: retries + 1, repeated: false });
             }
             let new = events
                 .iter()
-                .map(|e| Ok(e.to_new_event()?.with_metadata(metadata.clone())))
+                .enumerate()
+                .map(|(i, e)| {
+                    let event = e.to_new_event()?.with_metadata(metadata.clone());
+                    Ok(match event_id(i) {
+                        Some(id) => event.with_id(id),
+                        None => event,
+                    })
+                })
                 .collect::<Result<Vec<NewEvent>>>()?;
             let ids: Vec<Uuid> = new.iter().map(|e| e.id).collect();
             match self.store.append(&stream, ExpectedVersion::from_current(version), new).await {
@@ -259,7 +303,16 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
                         version: Some(written.version),
                         events: committed,
                         attempts: retries + 1,
+                        repeated: false,
                     });
+                }
+                Err(Error::DuplicateEvents { event_ids, .. })
+                    if event_id(0).is_some_and(|first| event_ids.contains(&first)) =>
+                {
+                    // Executed before under this command id: its events are already in the stream.
+                    let first = event_id(0).unwrap_or_default();
+                    let events = self.find_written(&stream, first, command_id.unwrap_or_default()).await?;
+                    return Ok(Executed { state, version, events, attempts: retries + 1, repeated: true });
                 }
                 Err(error) if error.is_conflict() && retries < self.max_retries => {
                     retries += 1;
@@ -269,6 +322,35 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
                 Err(error) => return Err(error.into()),
             }
         }
+    }
+
+    /// The events an earlier execution of command `command_id` wrote: one batch, so consecutive
+    /// in the stream from the one whose id is `first`. Found by reading the stream backwards to it
+    /// (at most the last 10,000 events).
+    async fn find_written(
+        &self,
+        stream: &StreamName,
+        first: Uuid,
+        command_id: Uuid,
+    ) -> Result<Vec<Committed<A::Event>>> {
+        let mut scanned = Vec::new();
+        let mut events = self.store.read_stream(stream, ReadStream::backwards().limit(10_000));
+        while let Some(recorded) = events.try_next().await? {
+            let done = recorded.id == first;
+            scanned.push(recorded);
+            if done {
+                break;
+            }
+        }
+        scanned
+            .iter()
+            .rev()
+            .enumerate()
+            .take_while(|(i, e)| e.id == Uuid::new_v5(&command_id, &(*i as u64).to_be_bytes()))
+            .map(|(_, e)| {
+                Ok(Committed { event: A::Event::from_recorded(e)?, id: e.id, version: e.version, position: e.position })
+            })
+            .collect()
     }
 
     /// Writes a snapshot when the policy says so. A failure only costs a slower load later, so
