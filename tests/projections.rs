@@ -149,17 +149,13 @@ fn memory() -> Backend {
     }
 }
 
-#[cfg(feature = "sqlite")]
-async fn sqlite() -> (Backend, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let events = annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap();
-    let store = Arc::new(annal::projections::SqliteProjectionStore::new(&events).await.unwrap());
-    let pool = events.writer().clone();
-    let backend = Backend {
-        events: Arc::new(events),
-        store: store.clone(),
-        dedup: store,
-        read: Arc::new(move |name, _| {
+/// Reads a ledger table through `pool` (a SQLite or a PostgreSQL pool). A ledger whose table does
+/// not exist yet (nothing applied) reads as empty.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+macro_rules! sql_ledger {
+    ($pool:expr) => {{
+        let pool = $pool;
+        Arc::new(move |name, _| {
             let pool = pool.clone();
             Box::pin(async move {
                 let sql = format!("SELECT event_id FROM ledger_{name}");
@@ -170,8 +166,17 @@ async fn sqlite() -> (Backend, tempfile::TempDir) {
                     .into_iter()
                     .collect()
             })
-        }),
-    };
+        })
+    }};
+}
+
+#[cfg(feature = "sqlite")]
+async fn sqlite() -> (Backend, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let events = annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap();
+    let store = Arc::new(annal::projections::SqliteProjectionStore::new(&events).await.unwrap());
+    let pool = events.writer().clone();
+    let backend = Backend { events: Arc::new(events), store: store.clone(), dedup: store, read: sql_ledger!(pool) };
     (backend, dir)
 }
 
@@ -180,23 +185,7 @@ async fn postgres() -> Backend {
     let events = support::pg::fresh_store().await;
     let store = Arc::new(annal::projections::PgProjectionStore::new(&events).await.unwrap());
     let pool = events.pool().clone();
-    Backend {
-        events: Arc::new(events),
-        store: store.clone(),
-        dedup: store,
-        read: Arc::new(move |name, _| {
-            let pool = pool.clone();
-            Box::pin(async move {
-                let sql = format!("SELECT event_id FROM ledger_{name}");
-                sqlx::query_scalar::<_, Uuid>(sqlx::AssertSqlSafe(sql))
-                    .fetch_all(&pool)
-                    .await
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect()
-            })
-        }),
-    }
+    Backend { events: Arc::new(events), store: store.clone(), dedup: store, read: sql_ledger!(pool) }
 }
 
 macro_rules! backends {
