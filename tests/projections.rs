@@ -468,6 +468,22 @@ async fn partitions_are_shared_and_taken_over(backend: Backend) {
     let (mut ids, _) = append(&*backend.events, "order", 16, 100).await;
     let a = runner("runner-a");
     leases_until(&*backend.store, "shared", "a alone takes all", |l| owned_by(l, "runner-a") == 4).await;
+    // A runner of another projection is not a runner of this one: the first keeps all four
+    // partitions through lease rounds that see it (renewed until past twice the lease from now).
+    let other = Arc::new(Partitioned(Arc::new(Ledger::new("other"))));
+    let c = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .owner("runner-c")
+        .lease(LEASE)
+        .with(other, quick_retries())
+        .unwrap()
+        .start();
+    leases_until(&*backend.store, "other", "c takes its own", |l| owned_by(l, "runner-c") == 4).await;
+    let later = chrono::Utc::now() + LEASE * 2;
+    leases_until(&*backend.store, "shared", "a keeps all", |l| {
+        owned_by(l, "runner-a") == 4 && l.iter().all(|l| l.expires_at > later)
+    })
+    .await;
+    c.shutdown().await.unwrap();
     // A second runner joins: the first hands over half.
     let b = runner("runner-b");
     leases_until(&*backend.store, "shared", "rebalanced", |l| {

@@ -112,6 +112,9 @@ pub enum Error {
         /// How long.
         waited: Duration,
     },
+    /// The store cannot do what was asked (the in-memory store runs no SQL).
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
     /// A worker task panicked.
     #[error("a projection worker panicked: {0}")]
     Panicked(String),

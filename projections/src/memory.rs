@@ -26,7 +26,7 @@ struct State {
     dead_letters: Vec<DeadLetter>,
     next_id: i64,
     leases: HashMap<(String, u32), Lease>,
-    runners: HashMap<String, DateTime<Utc>>,
+    runners: HashMap<(String, String), DateTime<Utc>>,
     dedup: HashMap<(String, uuid::Uuid), DateTime<Utc>>,
 }
 
@@ -228,16 +228,17 @@ impl ProjectionStore for MemoryProjectionStore {
         Ok(leases)
     }
 
-    async fn register_runner(&self, owner: &str, ttl: Duration) -> Result<usize> {
+    async fn register_runner(&self, projection: &str, owner: &str, ttl: Duration) -> Result<usize> {
         let mut state = self.state();
         let now = Utc::now();
-        state.runners.insert(owner.to_owned(), now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX));
+        let expires = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        state.runners.insert((projection.to_owned(), owner.to_owned()), expires);
         state.runners.retain(|_, expires| *expires >= now);
-        Ok(state.runners.len())
+        Ok(state.runners.keys().filter(|(p, _)| p == projection).count())
     }
 
-    async fn deregister_runner(&self, owner: &str) -> Result<()> {
-        self.state().runners.remove(owner);
+    async fn deregister_runner(&self, projection: &str, owner: &str) -> Result<()> {
+        self.state().runners.remove(&(projection.to_owned(), owner.to_owned()));
         Ok(())
     }
 
@@ -245,6 +246,26 @@ impl ProjectionStore for MemoryProjectionStore {
         let mut state = self.state();
         state.checkpoints.retain(|(name, _), _| name != projection);
         state.dead_letters.retain(|d| d.projection != projection);
+        Ok(())
+    }
+
+    async fn promote(&self, shadow: &str, live: &str, statements: &[String]) -> Result<()> {
+        if !statements.is_empty() {
+            return Err(crate::Error::Unsupported("the in-memory projection store runs no SQL statements"));
+        }
+        let mut state = self.state();
+        state.checkpoints.retain(|(name, _), _| name != live);
+        let promoted: Vec<_> = state.checkpoints.keys().filter(|(name, _)| name == shadow).cloned().collect();
+        for key in promoted {
+            if let Some(checkpoint) = state.checkpoints.remove(&key) {
+                state.checkpoints.insert((live.to_owned(), key.1), checkpoint);
+            }
+        }
+        state.dead_letters.retain(|d| d.projection != live);
+        for dead in state.dead_letters.iter_mut().filter(|d| d.projection == shadow) {
+            live.clone_into(&mut dead.projection);
+        }
+        state.leases.retain(|(name, _), _| name != shadow);
         Ok(())
     }
 }

@@ -291,23 +291,29 @@ impl ProjectionStore for PgProjectionStore {
             .collect()
     }
 
-    async fn register_runner(&self, owner: &str, ttl: Duration) -> Result<usize> {
+    async fn register_runner(&self, projection: &str, owner: &str, ttl: Duration) -> Result<usize> {
+        // The database's clock, as for leases: runners' clocks may disagree.
         sqlx::query(
-            "INSERT INTO annal_runners (owner, expires_at) VALUES ($1, clock_timestamp() + $2 * interval '1 millisecond') \
-             ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
+            "INSERT INTO annal_runners (projection, owner, expires_at) \
+             VALUES ($1, $2, clock_timestamp() + $3 * interval '1 millisecond') \
+             ON CONFLICT (projection, owner) DO UPDATE SET expires_at = excluded.expires_at",
         )
+        .bind(projection)
         .bind(owner)
         .bind(ttl.as_secs_f64() * 1e3)
         .execute(&self.pool)
         .await?;
-        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM annal_runners WHERE expires_at >= clock_timestamp()")
-            .fetch_one(&self.pool)
-            .await?;
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM annal_runners WHERE projection = $1 AND expires_at >= clock_timestamp()",
+        )
+        .bind(projection)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(usize::try_from(live).unwrap_or(1))
     }
 
-    async fn deregister_runner(&self, owner: &str) -> Result<()> {
-        sqlx::query(sql::DEREGISTER).bind(owner).execute(&self.pool).await?;
+    async fn deregister_runner(&self, projection: &str, owner: &str) -> Result<()> {
+        sqlx::query(sql::DEREGISTER).bind(projection).bind(owner).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -315,6 +321,20 @@ impl ProjectionStore for PgProjectionStore {
         let mut tx = self.pool.begin().await?;
         sqlx::query(sql::RESET_CHECKPOINTS).bind(projection).execute(&mut *tx).await?;
         sqlx::query(sql::RESET_DEAD_LETTERS).bind(projection).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn promote(&self, shadow: &str, live: &str, statements: &[String]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for statement in statements {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
+        }
+        sqlx::query(sql::RESET_CHECKPOINTS).bind(live).execute(&mut *tx).await?;
+        sqlx::query(sql::PROMOTE_CHECKPOINTS).bind(shadow).bind(live).execute(&mut *tx).await?;
+        sqlx::query(sql::RESET_DEAD_LETTERS).bind(live).execute(&mut *tx).await?;
+        sqlx::query(sql::PROMOTE_DEAD_LETTERS).bind(shadow).bind(live).execute(&mut *tx).await?;
+        sqlx::query(sql::RESET_LEASES).bind(shadow).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -184,7 +184,7 @@ impl Coordinator {
     /// take free partitions up to it. Returns a partition's error if one stopped.
     async fn round(&self, held: &mut HashMap<u32, Held>, cancel: &CancellationToken) -> Result<()> {
         let partitions = self.projection.partitions().max(1);
-        let runners = self.store.register_runner(&self.owner, self.lease).await?.max(1);
+        let runners = self.store.register_runner(self.name(), &self.owner, self.lease).await?.max(1);
         let share = usize::try_from(partitions).unwrap_or(usize::MAX).div_ceil(runners);
         // Report the latency measured here, for `annal-runner status` in other processes.
         let latency = self.progress.latency();
@@ -267,7 +267,7 @@ impl Coordinator {
                 result = stopped;
             }
         }
-        if let Err(error) = self.store.deregister_runner(&self.owner).await {
+        if let Err(error) = self.store.deregister_runner(self.name(), &self.owner).await {
             tracing::warn!(projection = self.name(), %error, "could not deregister the runner");
         }
         result

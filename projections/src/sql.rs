@@ -25,7 +25,7 @@ pub(crate) const LATENCY: &str =
 pub(crate) const LEASES: &str =
     "SELECT partition, owner, token, expires_at FROM annal_leases WHERE projection = $1 ORDER BY partition";
 
-pub(crate) const DEREGISTER: &str = "DELETE FROM annal_runners WHERE owner = $1";
+pub(crate) const DEREGISTER: &str = "DELETE FROM annal_runners WHERE projection = $1 AND owner = $2";
 
 pub(crate) const CHECKPOINT: &str = "SELECT position_tx, position_seq, updated_at, last_recorded_at, latency_p99_us \
      FROM annal_checkpoints WHERE projection = $1 AND partition = $2";
@@ -42,6 +42,14 @@ pub(crate) const REMOVE_DEAD_LETTER: &str = "DELETE FROM annal_dead_letters WHER
 pub(crate) const RESET_CHECKPOINTS: &str = "DELETE FROM annal_checkpoints WHERE projection = $1";
 
 pub(crate) const RESET_DEAD_LETTERS: &str = "DELETE FROM annal_dead_letters WHERE projection = $1";
+
+pub(crate) const RESET_LEASES: &str = "DELETE FROM annal_leases WHERE projection = $1";
+
+/// Gives projection $1's checkpoints to projection $2 (whose own are deleted first).
+pub(crate) const PROMOTE_CHECKPOINTS: &str = "UPDATE annal_checkpoints SET projection = $2 WHERE projection = $1";
+
+/// Gives projection $1's dead letters to projection $2 (whose own are deleted first).
+pub(crate) const PROMOTE_DEAD_LETTERS: &str = "UPDATE annal_dead_letters SET projection = $2 WHERE projection = $1";
 
 /// The SQLite spelling of a query.
 #[cfg(feature = "sqlite")]

@@ -291,25 +291,28 @@ impl ProjectionStore for SqliteProjectionStore {
             .collect()
     }
 
-    async fn register_runner(&self, owner: &str, ttl: Duration) -> Result<usize> {
+    async fn register_runner(&self, projection: &str, owner: &str, ttl: Duration) -> Result<usize> {
         let now = Utc::now().timestamp_micros();
         sqlx::query(
-            "INSERT INTO annal_runners (owner, expires_at) VALUES (?1, ?2) \
-             ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
+            "INSERT INTO annal_runners (projection, owner, expires_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (projection, owner) DO UPDATE SET expires_at = excluded.expires_at",
         )
+        .bind(projection)
         .bind(owner)
         .bind(now + micros_of(ttl))
         .execute(&self.pool)
         .await?;
-        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM annal_runners WHERE expires_at >= ?1")
-            .bind(now)
-            .fetch_one(&self.pool)
-            .await?;
+        let live: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM annal_runners WHERE projection = ?1 AND expires_at >= ?2")
+                .bind(projection)
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?;
         Ok(usize::try_from(live).unwrap_or(1))
     }
 
-    async fn deregister_runner(&self, owner: &str) -> Result<()> {
-        sqlx::query(sql::sqlite(sql::DEREGISTER)).bind(owner).execute(&self.pool).await?;
+    async fn deregister_runner(&self, projection: &str, owner: &str) -> Result<()> {
+        sqlx::query(sql::sqlite(sql::DEREGISTER)).bind(projection).bind(owner).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -317,6 +320,20 @@ impl ProjectionStore for SqliteProjectionStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(sql::sqlite(sql::RESET_CHECKPOINTS)).bind(projection).execute(&mut *tx).await?;
         sqlx::query(sql::sqlite(sql::RESET_DEAD_LETTERS)).bind(projection).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn promote(&self, shadow: &str, live: &str, statements: &[String]) -> Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for statement in statements {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
+        }
+        sqlx::query(sql::sqlite(sql::RESET_CHECKPOINTS)).bind(live).execute(&mut *tx).await?;
+        sqlx::query(sql::sqlite(sql::PROMOTE_CHECKPOINTS)).bind(shadow).bind(live).execute(&mut *tx).await?;
+        sqlx::query(sql::sqlite(sql::RESET_DEAD_LETTERS)).bind(live).execute(&mut *tx).await?;
+        sqlx::query(sql::sqlite(sql::PROMOTE_DEAD_LETTERS)).bind(shadow).bind(live).execute(&mut *tx).await?;
+        sqlx::query(sql::sqlite(sql::RESET_LEASES)).bind(shadow).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -174,15 +174,27 @@ pub trait ProjectionStore: Send + Sync {
     /// The leases of a projection's partitions.
     async fn leases(&self, projection: &str) -> Result<Vec<Lease>>;
 
-    /// Says that runner `owner` is alive for `ttl` more; returns how many runners are alive.
-    async fn register_runner(&self, owner: &str, ttl: Duration) -> Result<usize>;
+    /// Says that runner `owner` runs `projection` and is alive for `ttl` more; returns how many
+    /// runners of `projection` are alive (the runner's fair share of its partitions follows).
+    async fn register_runner(&self, projection: &str, owner: &str, ttl: Duration) -> Result<usize>;
 
-    /// Says that runner `owner` has stopped.
-    async fn deregister_runner(&self, owner: &str) -> Result<()>;
+    /// Says that runner `owner` has stopped running `projection`.
+    async fn deregister_runner(&self, projection: &str, owner: &str) -> Result<()>;
 
     /// Forgets a projection's checkpoints and dead letters, so it starts again from the
     /// beginning (a rebuild; reset the read model in the same breath).
     async fn reset(&self, projection: &str) -> Result<()>;
+
+    /// Ends a rebuild into shadow tables, in one transaction: runs `statements` (which put the
+    /// shadow read model in place of the live one), then gives projection `shadow`'s
+    /// checkpoints and dead letters to projection `live`, replacing its own, and forgets
+    /// `shadow`'s leases. `live`'s leases are kept: its workers find their checkpoint moved and
+    /// carry on from the shadow's, on the new read model.
+    ///
+    /// # Errors
+    /// Store errors (nothing is changed); [`crate::Error::Unsupported`] for statements on a store
+    /// without SQL.
+    async fn promote(&self, shadow: &str, live: &str, statements: &[String]) -> Result<()>;
 }
 
 /// A persistent record of the events an at-least-once consumer has handled, for effects outside

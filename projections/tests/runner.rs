@@ -179,3 +179,70 @@ async fn kill_9_mid_batch_loses_and_duplicates_nothing() {
     assert_eq!(listed.lines().count(), 1, "nothing may be parked (a duplicate would be):\n{listed}");
     eprintln!("{kills} kills over {EVENTS} events in {:?}", started.elapsed());
 }
+
+async fn scalar(store: &SqliteEventStore, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(store.writer()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_into_shadow_tables_keeps_serving_resumes_after_kill_9_and_swaps_in() {
+    const EVENTS: usize = 30_000;
+    let setup = setup(&LEDGER.replace("batch_size = 200", "batch_size = 200\ntables = [\"ledger\"]"));
+    let store = SqliteEventStore::open(&setup.db).await.unwrap();
+    let mut total = deposit(&store, 50, EVENTS, 100).await;
+    let live = runner().arg("--config").arg(&setup.config).arg("run").stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ledger(&store).await.0 < EVENTS as i64 {
+        assert!(Instant::now() < deadline, "the live read model never caught up: {:?}", ledger(&store).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A bug corrupted the live read model: the rebuild must replace it, not patch it.
+    sqlx::query("UPDATE ledger SET amount = amount + 1000").execute(store.writer()).await.unwrap();
+    let corrupted = ledger(&store).await;
+
+    // The first rebuild is killed once its shadow has made progress; the live read model
+    // serves, whole, all along.
+    let mut rebuild = runner()
+        .arg("--config")
+        .arg(&setup.config)
+        .args(["rebuild", "ledger"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        assert_eq!(ledger(&store).await, corrupted, "the live read model changed before the swap");
+        let shadow = "SELECT count(*) FROM annal_checkpoints WHERE projection = 'ledger__rebuild'";
+        if scalar(&store, shadow).await > 0 {
+            break;
+        }
+        assert!(rebuild.try_wait().unwrap().is_none(), "the rebuild ended before it could be killed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rebuild.kill().unwrap(); // SIGKILL
+    rebuild.wait().unwrap();
+    let shadow_rows = scalar(&store, "SELECT count(*) FROM ledger__rebuild").await;
+    assert!(shadow_rows > 0 && shadow_rows < EVENTS as i64, "killed mid-way: {shadow_rows} shadow rows");
+    let status = String::from_utf8_lossy(&annal(&setup.config, &["status"]).stdout).to_string();
+    assert!(status.lines().any(|l| l.starts_with("ledger__rebuild")), "status shows the rebuild:\n{status}");
+
+    // Events keep coming while the second rebuild resumes and swaps the shadow in.
+    total += deposit(&store, 50, 1_000, 100).await;
+    let output = annal(&setup.config, &["rebuild", "ledger"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("resuming the rebuild of ledger"), "{stdout}");
+    assert!(stdout.contains("swapped them in"), "{stdout}");
+    total += deposit(&store, 50, 1_000, 100).await;
+    let count = (EVENTS + 2_000) as i64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ledger(&store).await != (count, total) {
+        assert!(Instant::now() < deadline, "the read model is not a replay: {:?}", ledger(&store).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let leftovers = "SELECT (SELECT count(*) FROM sqlite_master WHERE name LIKE '%rebuild%') \
+        + (SELECT count(*) FROM annal_checkpoints WHERE projection LIKE '%rebuild%')";
+    assert_eq!(scalar(&store, leftovers).await, 0, "shadow tables or checkpoints left behind");
+    Command::new("kill").arg("-TERM").arg(live.id().to_string()).status().unwrap();
+    assert!(live.wait_with_output().unwrap().status.success());
+}

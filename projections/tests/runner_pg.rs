@@ -120,3 +120,44 @@ async fn a_runner_that_joins_a_busy_one_gets_its_share() {
     terminate(second);
     assert_eq!(setup.ledger().await, (3000, total));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_into_shadow_tables_swaps_in_under_a_live_partitioned_runner() {
+    let setup = setup().await;
+    let config = setup.config("shadow", &ledger_config("partitions = 2\ntables = [\"ledger\"]"));
+    let mut total = setup.deposit(20, 3000, |i| (i % 50) as i64 + 1).await;
+    let live = start(&config);
+    setup.until("live runner", |(count, _)| count == 3000).await;
+    // A bug corrupted the live read model: the rebuild must replace it, not patch it.
+    sqlx::query("UPDATE ledger SET amount = amount + 1000").execute(&setup.pool).await.unwrap();
+    // Events keep flowing into the live projection while the shadow is built and swapped in.
+    let writer = {
+        let events = setup.events.clone();
+        tokio::spawn(async move {
+            let mut total = 0;
+            for i in 0..200usize {
+                let amount = (i % 7) as i64 + 1;
+                let stream = StreamName::from_parts("account", i % 20).unwrap();
+                let event = NewEvent::new("Deposited", json!({ "amount": amount }));
+                events.append(&stream, ExpectedVersion::Any, vec![event]).await.unwrap();
+                total += amount;
+                tokio::task::yield_now().await;
+            }
+            total
+        })
+    };
+    let output = tokio::task::spawn_blocking(move || annal(&config, &["rebuild", "ledger"])).await.unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("swapped them in"));
+    total += writer.await.unwrap();
+    setup.until("after the swap", |(count, sum)| (count, sum) == (3200, total)).await;
+    let leftovers: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM pg_class WHERE relname LIKE '%rebuild%' AND pg_table_is_visible(oid)) \
+         + (SELECT count(*) FROM annal_checkpoints WHERE projection LIKE '%rebuild%')",
+    )
+    .fetch_one(&setup.pool)
+    .await
+    .unwrap();
+    assert_eq!(leftovers, 0, "shadow tables, indexes or checkpoints left behind");
+    terminate(live);
+}

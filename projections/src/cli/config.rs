@@ -32,7 +32,7 @@ fn default_lease() -> f64 {
 }
 
 /// One SQL projection: each event type maps to a parameterised statement.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SqlProjectionConfig {
     /// The projection's name.
@@ -55,11 +55,69 @@ pub struct SqlProjectionConfig {
     /// Statements run once before the projection starts (create its tables).
     #[serde(default)]
     pub setup: Vec<String>,
-    /// Statements that empty the read model, run by `rebuild` with the checkpoint reset.
+    /// Statements that empty the read model, run by `rebuild --in-place` with the checkpoint
+    /// reset.
     #[serde(default)]
     pub reset: Vec<String>,
+    /// The tables the projection owns. With them, `rebuild` builds the read model anew in
+    /// shadow tables (`<table>__rebuild`, made by the setup statements rewritten) while the live
+    /// one keeps serving, and swaps it in when it has caught up; without them, it rebuilds in
+    /// place.
+    #[serde(default)]
+    pub tables: Vec<String>,
     /// Event type → statement, with named parameters such as `:stream_id` and `:data`.
     pub handlers: BTreeMap<String, String>,
+}
+
+impl SqlProjectionConfig {
+    /// The same projection working on shadow copies of its tables, named with
+    /// [`SHADOW_SUFFIX`], for a rebuild that swaps them in when caught up; `None` if it
+    /// declares no tables.
+    pub fn shadow(&self) -> Option<SqlProjectionConfig> {
+        if self.tables.is_empty() {
+            return None;
+        }
+        let rewrite = |statements: &[String]| statements.iter().map(|s| shadow_sql(s, &self.tables)).collect();
+        Some(SqlProjectionConfig {
+            name: format!("{}{SHADOW_SUFFIX}", self.name),
+            setup: rewrite(&self.setup),
+            reset: rewrite(&self.reset),
+            handlers: self.handlers.iter().map(|(t, sql)| (t.clone(), shadow_sql(sql, &self.tables))).collect(),
+            tables: self.tables.iter().map(|t| format!("{t}{SHADOW_SUFFIX}")).collect(),
+            ..self.clone()
+        })
+    }
+
+    /// Statements that drop the shadow tables of a rebuild.
+    pub fn drop_shadow(&self) -> Vec<String> {
+        self.tables.iter().map(|t| format!("DROP TABLE IF EXISTS {t}{SHADOW_SUFFIX}")).collect()
+    }
+
+    /// Statements that put the shadow tables' rows in place of the live ones and drop the
+    /// shadow tables, in one transaction: readers see the old read model until it commits. On
+    /// PostgreSQL, the live tables are locked against writes first, so that a live batch in
+    /// flight commits before the swap or waits for it.
+    pub fn promotion(&self, postgres: bool) -> Vec<String> {
+        let mut statements = Vec::new();
+        if postgres {
+            statements.push(format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", self.tables.join(", ")));
+        }
+        for table in &self.tables {
+            statements.push(format!("DELETE FROM {table}"));
+            statements.push(format!("INSERT INTO {table} SELECT * FROM {table}{SHADOW_SUFFIX}"));
+        }
+        statements.extend(self.drop_shadow());
+        statements
+    }
+}
+
+/// Checks a table name: the rules of projection names, and room for [`SHADOW_SUFFIX`].
+fn validate_table(table: &str) -> Result<(), String> {
+    validate_name(table).map_err(|e| e.to_string().replace("projection name", "table name"))?;
+    if table.len() + SHADOW_SUFFIX.len() > 63 {
+        return Err(format!("table name {table:?} is too long: at most {} characters", 63 - SHADOW_SUFFIX.len()));
+    }
+    Ok(())
 }
 
 fn default_batch() -> usize {
@@ -114,61 +172,179 @@ fn postgres_type(parameter: &str) -> &'static str {
     }
 }
 
+/// A piece of SQL text, as far as named parameters and table names are concerned.
+#[derive(Debug, PartialEq)]
+enum Token<'a> {
+    /// Copied as it is: string literals, comments, numbers, operators, white space.
+    Verbatim(&'a str),
+    /// A bare word: a keyword or an identifier.
+    Word(&'a str),
+    /// A double-quoted identifier, quotes included.
+    Quoted(&'a str),
+    /// A named parameter, `:name`, without its colon.
+    Parameter(&'a str),
+}
+
+/// Splits SQL into [`Token`]s, so that nothing inside string literals, quoted identifiers,
+/// comments or dollar-quoted bodies is taken for a parameter or a table name.
+fn tokens(sql: &str) -> Vec<Token<'_>> {
+    let b = sql.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    let find = |from: usize, needle: &str| sql[from..].find(needle).map_or(sql.len(), |p| from + p + needle.len());
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let start = i;
+        let next = b.get(i + 1).copied();
+        let token = match b[i] {
+            b'\'' => {
+                i = find(i + 1, "'");
+                Token::Verbatim(&sql[start..i])
+            }
+            b'"' => {
+                i = find(i + 1, "\"");
+                Token::Quoted(&sql[start..i])
+            }
+            b'-' if next == Some(b'-') => {
+                i = sql[i..].find('\n').map_or(sql.len(), |p| i + p);
+                Token::Verbatim(&sql[start..i])
+            }
+            b'/' if next == Some(b'*') => {
+                i = find(i + 2, "*/");
+                Token::Verbatim(&sql[start..i])
+            }
+            b'$' if next.is_some_and(|c| !c.is_ascii_digit()) && dollar_tag(&sql[i..]).is_some() => {
+                let tag = dollar_tag(&sql[i..]).unwrap_or("$$");
+                i = find(i + tag.len(), tag);
+                Token::Verbatim(&sql[start..i])
+            }
+            b':' if next == Some(b':') => {
+                i += 2;
+                Token::Verbatim(&sql[start..i])
+            }
+            b':' if next.is_some_and(|c| c.is_ascii_alphabetic() || c == b'_') => {
+                i += 1;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                    i += 1;
+                }
+                Token::Parameter(&sql[start + 1..i])
+            }
+            c if word(c) => {
+                while i < b.len() && word(b[i]) {
+                    i += 1;
+                }
+                if c.is_ascii_digit() { Token::Verbatim(&sql[start..i]) } else { Token::Word(&sql[start..i]) }
+            }
+            _ => {
+                i += 1;
+                Token::Verbatim(&sql[start..i])
+            }
+        };
+        out.push(token);
+    }
+    out
+}
+
+/// The opening tag of a PostgreSQL dollar-quoted string (`$$` or `$name$`) at the start of `sql`.
+fn dollar_tag(sql: &str) -> Option<&str> {
+    let end = sql[1..].find('$')? + 2;
+    let tag = &sql[..end];
+    tag[1..end - 1].bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_').then_some(tag)
+}
+
 /// Turns `:name` parameters into numbered ones (`$1::type` with `placeholder` `$`, for
 /// PostgreSQL; `?1` otherwise, for SQLite), leaving string literals, quoted identifiers,
 /// comments and `::` casts alone.
+///
+/// # Errors
+/// A message naming an unknown parameter.
 pub fn compile(sql: &str, placeholder: char) -> Result<Statement, String> {
-    let chars: Vec<char> = sql.chars().collect();
     let (mut out, mut parameters) = (String::with_capacity(sql.len()), Vec::<&'static str>::new());
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        match c {
-            '\'' | '"' => {
-                let end = chars[i + 1..].iter().position(|&d| d == c).map_or(chars.len(), |p| i + 1 + p + 1);
-                out.extend(&chars[i..end]);
-                i = end;
+    for token in tokens(sql) {
+        let name = match token {
+            Token::Parameter(name) => name,
+            Token::Verbatim(text) | Token::Word(text) | Token::Quoted(text) => {
+                out.push_str(text);
+                continue;
             }
-            '-' if chars.get(i + 1) == Some(&'-') => {
-                let end = chars[i..].iter().position(|&d| d == '\n').map_or(chars.len(), |p| i + p);
-                out.extend(&chars[i..end]);
-                i = end;
+        };
+        let Some(known) = PARAMETERS.iter().find(|p| **p == name) else {
+            return Err(format!("unknown parameter :{name}; the parameters are :{}", PARAMETERS.join(", :")));
+        };
+        let index = match parameters.iter().position(|p| p == known) {
+            Some(index) => index,
+            None => {
+                parameters.push(known);
+                parameters.len() - 1
             }
-            ':' if chars.get(i + 1) == Some(&':') => {
-                out.push_str("::");
-                i += 2;
-            }
-            ':' if chars.get(i + 1).is_some_and(|d| d.is_ascii_alphabetic() || *d == '_') => {
-                let end = chars[i + 1..]
-                    .iter()
-                    .position(|d| !(d.is_ascii_alphanumeric() || *d == '_'))
-                    .map_or(chars.len(), |p| i + 1 + p);
-                let name: String = chars[i + 1..end].iter().collect();
-                let Some(known) = PARAMETERS.iter().find(|p| **p == name) else {
-                    return Err(format!("unknown parameter :{name}; the parameters are :{}", PARAMETERS.join(", :")));
-                };
-                let index = match parameters.iter().position(|p| p == known) {
-                    Some(index) => index,
-                    None => {
-                        parameters.push(known);
-                        parameters.len() - 1
-                    }
-                };
-                out.push(placeholder);
-                out.push_str(&(index + 1).to_string());
-                if placeholder == '$' {
-                    out.push_str("::");
-                    out.push_str(postgres_type(known));
-                }
-                i = end;
-            }
-            _ => {
-                out.push(c);
-                i += 1;
-            }
+        };
+        out.push(placeholder);
+        out.push_str(&(index + 1).to_string());
+        if placeholder == '$' {
+            out.push_str("::");
+            out.push_str(postgres_type(known));
         }
     }
     Ok(Statement { sql: out, parameters })
+}
+
+/// What a rebuild appends to the names of a projection and of its tables and indexes: it
+/// builds the read model anew beside the live one, under these names.
+pub const SHADOW_SUFFIX: &str = "__rebuild";
+
+/// Rewrites `sql` to work on the shadow copies of `tables`: every identifier naming one of
+/// them, and the name of every index the statement creates, gets [`SHADOW_SUFFIX`]. String
+/// literals, comments and parameters are left alone.
+pub fn shadow_sql(sql: &str, tables: &[String]) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    // The statement so far, upper-cased words and punctuation, to spot `CREATE ... INDEX name`.
+    let mut statement: Vec<String> = Vec::new();
+    for token in tokens(sql) {
+        let (text, bare) = match token {
+            Token::Word(word) => (word, word.to_ascii_lowercase()),
+            Token::Quoted(quoted) => (quoted, quoted.trim_matches('"').to_owned()),
+            Token::Parameter(name) => {
+                out.push(':');
+                out.push_str(name);
+                statement.push(":".into());
+                continue;
+            }
+            Token::Verbatim(text) => {
+                out.push_str(text);
+                let text = text.trim();
+                if text == ";" {
+                    statement.clear();
+                } else if !text.is_empty() && !text.starts_with("--") && !text.starts_with("/*") {
+                    statement.push(text.to_owned());
+                }
+                continue;
+            }
+        };
+        let names_index = creates_index(&statement) && !["on", "if", "concurrently"].contains(&bare.as_str());
+        if tables.contains(&bare) || names_index {
+            match token {
+                Token::Quoted(_) => out.push_str(&format!("\"{bare}{SHADOW_SUFFIX}\"")),
+                _ => out.push_str(&format!("{bare}{SHADOW_SUFFIX}")),
+            }
+        } else {
+            out.push_str(text);
+        }
+        statement.push(text.to_ascii_uppercase());
+    }
+    out
+}
+
+/// Whether the next identifier of `statement` names the index it creates:
+/// `CREATE [UNIQUE] INDEX [CONCURRENTLY] [IF NOT EXISTS]` so far.
+fn creates_index(statement: &[String]) -> bool {
+    let mut words: Vec<&str> = statement.iter().map(String::as_str).collect();
+    if words.ends_with(&["IF", "NOT", "EXISTS"]) {
+        words.truncate(words.len() - 3);
+    }
+    if words.last() == Some(&"CONCURRENTLY") {
+        words.pop();
+    }
+    matches!(words.as_slice(), ["CREATE", "INDEX"] | ["CREATE", "UNIQUE", "INDEX"])
 }
 
 impl Config {
@@ -184,6 +360,26 @@ impl Config {
             }
             if projection.handlers.is_empty() {
                 return Err(format!("projection {:?} has no handlers", projection.name));
+            }
+            if projection.name.ends_with(SHADOW_SUFFIX) {
+                return Err(format!(
+                    "projection {:?}: names ending in {SHADOW_SUFFIX} are for rebuilds",
+                    projection.name
+                ));
+            }
+            if !projection.tables.is_empty() && projection.name.len() + SHADOW_SUFFIX.len() > 63 {
+                return Err(format!(
+                    "projection {:?}: with tables, a name has at most {} characters (a rebuild adds {SHADOW_SUFFIX})",
+                    projection.name,
+                    63 - SHADOW_SUFFIX.len()
+                ));
+            }
+            let mut tables = HashSet::new();
+            for table in &projection.tables {
+                validate_table(table).map_err(|e| format!("projection {:?}: {e}", projection.name))?;
+                if !tables.insert(table) {
+                    return Err(format!("projection {:?} lists table {table:?} twice", projection.name));
+                }
             }
             if projection.partitions == 0 {
                 return Err(format!("projection {:?}: partitions must be at least 1", projection.name));
@@ -216,6 +412,41 @@ mod tests {
     }
 
     #[test]
+    fn the_lexer_leaves_literals_comments_and_casts_alone() {
+        let s = compile("SELECT ':a', \":b\", $$ :c $$, $f$ :d $f$, /* :e */ :data::text, $1", '?').unwrap();
+        assert_eq!(s.sql, "SELECT ':a', \":b\", $$ :c $$, $f$ :d $f$, /* :e */ ?1::text, $1");
+        // Unterminated pieces run to the end rather than failing.
+        assert_eq!(compile("SELECT 'open", '?').unwrap().sql, "SELECT 'open");
+        assert_eq!(compile("SELECT :data /* open", '?').unwrap().sql, "SELECT ?1 /* open");
+    }
+
+    #[test]
+    fn shadow_statements_name_the_shadow_tables_and_indexes() {
+        let tables = ["balances".to_owned(), "owners".to_owned()];
+        let cases = [
+            (
+                "CREATE TABLE IF NOT EXISTS balances (id text PRIMARY KEY, owners int) -- balances",
+                "CREATE TABLE IF NOT EXISTS balances__rebuild (id text PRIMARY KEY, owners__rebuild int) -- balances",
+            ),
+            (
+                "CREATE UNIQUE INDEX IF NOT EXISTS by_owner ON Balances (owner); CREATE INDEX ON balances (id)",
+                "CREATE UNIQUE INDEX IF NOT EXISTS by_owner__rebuild ON balances__rebuild (owner); \
+                 CREATE INDEX ON balances__rebuild (id)",
+            ),
+            (
+                "INSERT INTO \"balances\" VALUES (:stream_id, 'balances') ON CONFLICT (id) DO UPDATE \
+                 SET n = balances.n + 1 FROM public.owners",
+                "INSERT INTO \"balances__rebuild\" VALUES (:stream_id, 'balances') ON CONFLICT (id) DO UPDATE \
+                 SET n = balances__rebuild.n + 1 FROM public.owners__rebuild",
+            ),
+            ("SELECT balances_total FROM totals", "SELECT balances_total FROM totals"),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(shadow_sql(sql, &tables), expected);
+        }
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_a_reason() {
         let ok = "database = 'sqlite://x.db'\n[[projection]]\nname = 'a'\nhandlers = { E = 'SELECT :data' }\n";
         assert!(Config::parse(ok).is_ok());
@@ -225,6 +456,9 @@ mod tests {
             (ok.replace("name = 'a'", "name = 'Robert; DROP TABLE'"), "invalid projection name"),
             (ok.replace(":data", ":dta"), "unknown parameter :dta"),
             (ok.replace("sqlite://x.db", "mysql://x"), "postgres:// or sqlite://"),
+            (ok.replace("name = 'a'", "name = 'a'\ntables = ['t', 't']"), "lists table \"t\" twice"),
+            (ok.replace("name = 'a'", "name = 'a'\ntables = ['t; DROP']"), "invalid table name"),
+            (ok.replace("name = 'a'", "name = 'a__rebuild'"), "are for rebuilds"),
         ];
         for (text, expected) in cases {
             let err = Config::parse(&text).unwrap_err();

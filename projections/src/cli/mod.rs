@@ -20,7 +20,7 @@ use annal_eventstore::{EventStore, PgEventStore, SqliteEventStore};
 use clap::{Parser, Subcommand, ValueEnum};
 use sqlx::{AssertSqlSafe, Executor, SqlSafeStr};
 
-pub use config::{Config, PARAMETERS, SqlProjectionConfig, Statement, compile};
+pub use config::{Config, PARAMETERS, SHADOW_SUFFIX, SqlProjectionConfig, Statement, compile, shadow_sql};
 pub use sql::SqlProjection;
 
 use crate::{
@@ -59,10 +59,16 @@ pub enum Command {
     Run,
     /// Print every projection partition's checkpoint, lag, dead letters and lease.
     Status,
-    /// Empty a projection's read model and replay it from the first event, with progress.
+    /// Replay a projection from the first event, with progress. A SQL projection that lists
+    /// its `tables` is rebuilt into shadow tables while the live read model keeps serving, then
+    /// swapped in; others (or with `--in-place`) are emptied and replayed in place. An
+    /// interrupted shadow rebuild resumes where it stopped.
     Rebuild {
         /// The projection.
         name: String,
+        /// Empty the live read model and replay into it, even if shadow tables are possible.
+        #[arg(long)]
+        in_place: bool,
     },
     /// List, retry or skip parked events.
     DeadLetters {
@@ -149,10 +155,9 @@ impl Database {
         Ok(())
     }
 
-    /// Runs the setup statements, then prepares every handler statement: invalid SQL, or SQL
+    /// Runs the `setup` statements, then prepares every handler statement: invalid SQL, or SQL
     /// naming a table that does not exist, is found here, before anything runs.
-    async fn check(&self, config: &Config, projections: &[SqlProjection], commit: bool) -> Result<(), Failure> {
-        let setup: Vec<String> = config.projections.iter().flat_map(|p| p.setup.clone()).collect();
+    async fn check(&self, setup: &[String], projections: &[SqlProjection], commit: bool) -> Result<(), Failure> {
         macro_rules! check {
             ($pool:expr, $statements:ident, $begin:literal) => {{
                 // Serialised between runners starting together: concurrent `CREATE TABLE IF NOT
@@ -161,7 +166,7 @@ impl Database {
                 if $begin == "BEGIN" {
                     sqlx::query("SELECT pg_advisory_xact_lock(7046716111)").execute(&mut *tx).await?;
                 }
-                for statement in &setup {
+                for statement in setup {
                     sqlx::raw_sql(AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
                 }
                 for projection in projections {
@@ -211,20 +216,21 @@ async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<(), Failure> {
         .map_err(|e| format!("cannot read the configuration {}: {e}", cli.config.display()))?;
     let config = Config::parse(&text).map_err(|e| format!("{}: {e}", cli.config.display()))?;
     let sql: Vec<SqlProjection> = config.projections.iter().map(SqlProjection::new).collect::<Result<_, _>>()?;
+    let setup: Vec<String> = config.projections.iter().flat_map(|p| p.setup.clone()).collect();
     let mut projections: Vec<Arc<dyn Projection>> = Vec::new();
     let database = Database::connect(&config.database).await?;
     let store = database.projection_store().await?;
     match cli.command {
         Command::Check => {
-            database.check(&config, &sql, false).await?;
+            database.check(&setup, &sql, false).await?;
             println!("configuration and SQL are valid: {} projection(s)", config.projections.len());
         }
         Command::Migrate => {
-            database.check(&config, &sql, true).await?;
+            database.check(&setup, &sql, true).await?;
             println!("tables are up to date");
         }
         Command::Run => {
-            database.check(&config, &sql, true).await?;
+            database.check(&setup, &sql, true).await?;
             projections.extend(sql.into_iter().map(|p| Arc::new(p) as Arc<dyn Projection>));
             projections.extend(extra);
             let mut runner = ProjectionRunner::new(database.events(), store.clone())
@@ -239,7 +245,18 @@ async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<(), Failure> {
             running.shutdown().await?;
         }
         Command::Status => status(&database, &*store, &config, &extra).await?,
-        Command::Rebuild { name } => rebuild(&database, store, &config, sql, extra, &name).await?,
+        Command::Rebuild { name, in_place } => {
+            let configured = config.projections.iter().find(|p| p.name == name);
+            match configured.and_then(|p| Some((p, p.shadow()?))) {
+                Some((live, shadow)) if !in_place => {
+                    rebuild_in_shadow(&database, store, &config, live, &shadow).await?
+                }
+                _ => {
+                    let projections = sql.into_iter().map(|p| Arc::new(p) as _).chain(extra).collect::<Vec<_>>();
+                    rebuild_in_place(&database, store, &config, find(&projections, &name)?).await?;
+                }
+            }
+        }
         Command::DeadLetters { action } => {
             dead_letters(&database, &*store, sql.into_iter().map(|p| Arc::new(p) as _).chain(extra).collect(), action)
                 .await?
@@ -369,6 +386,13 @@ async fn status(
         .map(|p| SqlProjection::new(p).map(|s| (p.name.clone(), s.filter(), p.partitions.max(1))))
         .collect::<Result<_, _>>()?;
     targets.extend(extra.iter().map(|p| (p.name().to_owned(), p.filter(), p.partitions().max(1))));
+    // A rebuild in progress (or interrupted) shows as its shadow projection.
+    for shadow in config.projections.iter().filter_map(SqlProjectionConfig::shadow) {
+        if has_checkpoints(store, &shadow.name, shadow.partitions).await? {
+            let filter = SqlProjection::new(&shadow)?.filter();
+            targets.push((shadow.name, filter, shadow.partitions.max(1)));
+        }
+    }
     println!(
         "{:<24} {:>4} {:<8} {:<22} {:<22} {:>10} {:>10} {:>10} {:>6}  lease",
         "projection", "part", "state", "checkpoint", "head", "behind", "seconds", "p99 ms", "dead"
@@ -405,44 +429,92 @@ async fn status(
     Ok(())
 }
 
-async fn rebuild(
+/// Empties the read model (the `reset` statements) and the checkpoints, then replays.
+async fn rebuild_in_place(
     database: &Database,
     store: Arc<dyn ProjectionStore>,
     config: &Config,
-    sql: Vec<SqlProjection>,
-    extra: Vec<Arc<dyn Projection>>,
-    name: &str,
+    projection: Arc<dyn Projection>,
 ) -> Result<(), Failure> {
+    let name = projection.name().to_owned();
     let reset = config.projections.iter().find(|p| p.name == name).map(|p| p.reset.clone()).unwrap_or_default();
-    let projections: Vec<Arc<dyn Projection>> = sql.into_iter().map(|p| Arc::new(p) as _).chain(extra).collect();
-    let projection = find(&projections, name)?;
     database.execute(&reset, true).await?;
-    store.reset(name).await?;
+    store.reset(&name).await?;
+    let total = replay(database, store, config, projection, &name).await?;
+    println!("rebuilt {name} in place: {total} events replayed");
+    Ok(())
+}
+
+/// Builds the read model anew in shadow tables while the live one keeps serving (and its
+/// projection keeps running in other runners), then swaps it in: one transaction copies the
+/// shadow rows over the live ones, drops the shadow tables and gives the shadow's checkpoints to
+/// the live projection. Resumes from the shadow's checkpoint if a previous rebuild stopped.
+async fn rebuild_in_shadow(
+    database: &Database,
+    store: Arc<dyn ProjectionStore>,
+    config: &Config,
+    live: &SqlProjectionConfig,
+    shadow: &SqlProjectionConfig,
+) -> Result<(), Failure> {
+    if has_checkpoints(&*store, &shadow.name, shadow.partitions).await? {
+        println!("resuming the rebuild of {} in its shadow tables", live.name);
+    } else {
+        database.execute(&live.drop_shadow(), true).await?;
+        store.reset(&shadow.name).await?;
+    }
+    let projection = SqlProjection::new(shadow)?;
+    database.check(&shadow.setup, std::slice::from_ref(&projection), true).await?;
+    let total = replay(database, store.clone(), config, Arc::new(projection), &live.name).await?;
+    store.promote(&shadow.name, &live.name, &live.promotion(matches!(database, Database::Postgres(_)))).await?;
+    println!("rebuilt {} in shadow tables and swapped them in: {total} events replayed", live.name);
+    Ok(())
+}
+
+/// Whether projection `name` has moved the checkpoint of any of its `partitions`.
+async fn has_checkpoints(store: &dyn ProjectionStore, name: &str, partitions: u32) -> Result<bool, Failure> {
+    for partition in 0..partitions.max(1) {
+        if store.checkpoint(name, partition).await?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Runs `projection` alone until it reaches the head as it was when the replay started,
+/// showing progress; returns how many events that was. `options_of` names the configured
+/// projection whose retry settings apply.
+async fn replay(
+    database: &Database,
+    store: Arc<dyn ProjectionStore>,
+    config: &Config,
+    projection: Arc<dyn Projection>,
+    options_of: &str,
+) -> Result<u64, Failure> {
+    let name = projection.name().to_owned();
+    let filter = projection.filter();
     let events = database.events();
     let head = events.head().await?;
-    let total = events.count(annal_eventstore::Position::START, head, &projection.filter()).await?;
-    let running =
-        ProjectionRunner::new(events.clone(), store).with(projection.clone(), WorkerOptions::default())?.start();
+    let total = events.count(annal_eventstore::Position::START, head, &filter).await?;
+    let running = ProjectionRunner::new(events.clone(), store)
+        .lease(Duration::from_secs_f64(config.lease_seconds.max(0.1)))
+        .with(projection, options_for(config, options_of))?
+        .start();
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events {per_sec} eta {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     loop {
-        let checkpoint = running.checkpoint(name).await?;
-        bar.set_position(total - events.count(checkpoint, head, &projection.filter()).await?.min(total));
-        if checkpoint >= head {
+        let checkpoint = running.checkpoint(&name).await?;
+        bar.set_position(total - events.count(checkpoint, head, &filter).await?.min(total));
+        if checkpoint >= head || !running.is_running(&name)? {
             break;
         }
-        if !running.is_running(name)? {
-            break;
-        }
-        let _ = running.wait_for(name, head, Duration::from_millis(250)).await;
+        let _ = running.wait_for(&name, head, Duration::from_millis(250)).await;
     }
     bar.finish();
     running.shutdown().await?;
-    println!("rebuilt {name}: {total} events replayed");
-    Ok(())
+    Ok(total)
 }
 
 async fn dead_letters(
