@@ -22,5 +22,34 @@ mod sqlite {
 
 #[cfg(feature = "postgres")]
 mod postgres {
+    use annal::{EventStore, ExpectedVersion, Filter, NewEvent, PgEventStore, Position, StreamName};
+
     crate::conformance::suite!(async { (crate::support::pg::fresh_store().await, ()) });
+
+    async fn partition_counts(store: &PgEventStore, partitions: u32) -> Vec<u64> {
+        let head = store.head().await.unwrap();
+        let mut counts = Vec::new();
+        for partition in 0..partitions {
+            let filter = Filter::all().with_partition(partition, partitions);
+            counts.push(store.count(Position::START, head, &filter).await.unwrap());
+        }
+        counts
+    }
+
+    #[tokio::test]
+    async fn events_written_before_stream_hashes_get_them_when_the_store_opens() {
+        let store = crate::support::pg::fresh_store().await;
+        for i in 0..30 {
+            let stream = StreamName::from_parts("counter", i).unwrap();
+            let events = (0..i % 4 + 1).map(|n| NewEvent::new("Counted", serde_json::json!({ "n": n }))).collect();
+            store.append(&stream, ExpectedVersion::NoStream, events).await.unwrap();
+        }
+        let expected = partition_counts(&store, 3).await;
+        assert_eq!(expected.iter().sum::<u64>(), 73);
+        // As a database from before the column existed: no hashes, no partition selects anything.
+        sqlx::query("UPDATE annal_events SET stream_hash = NULL").execute(store.pool()).await.unwrap();
+        assert_eq!(partition_counts(&store, 3).await, [0, 0, 0]);
+        let reopened = PgEventStore::from_pool(store.pool().clone()).await.unwrap();
+        assert_eq!(partition_counts(&reopened, 3).await, expected);
+    }
 }

@@ -213,6 +213,7 @@ backends!(
     poison_events_are_parked_and_the_rest_flows,
     selective_projections_keep_their_checkpoint_moving,
     stop_policy_stops_and_a_restart_resumes,
+    lag_is_exact_partition_by_partition,
 );
 
 fn quick_retries() -> WorkerOptions {
@@ -557,6 +558,71 @@ mod leases {
         a_writer_that_lost_its_lease_writes_nothing,
         dedup_records_are_kept_then_pruned
     );
+}
+
+/// A partitioned at-least-once consumer whose partition 0 waits at a gate: its lag grows while
+/// the other partitions keep up.
+struct Gated {
+    gate: tokio::sync::Semaphore,
+}
+
+#[annal::async_trait]
+impl Projection for Gated {
+    fn name(&self) -> &str {
+        "gated"
+    }
+    fn delivery(&self) -> Delivery {
+        Delivery::AtLeastOnce
+    }
+    fn partitions(&self) -> u32 {
+        3
+    }
+    async fn handle(&self, events: &[RecordedEvent], _tx: &mut Tx<'_>) -> Result<(), BoxError> {
+        if events.iter().any(|e| annal::partition_of(&e.stream, 3) == 0) {
+            drop(self.gate.acquire().await?);
+        }
+        Ok(())
+    }
+}
+
+async fn lag_is_exact_partition_by_partition(backend: Backend) {
+    let (_, last) = append(&*backend.events, "order", 12, 120).await;
+    let in_partition_0 = backend
+        .events
+        .read_all_page(Position::START, &Filter::all(), 1000)
+        .await
+        .unwrap()
+        .events
+        .iter()
+        .filter(|e| annal::partition_of(&e.stream, 3) == 0)
+        .count() as u64;
+    assert!(in_partition_0 > 0 && in_partition_0 < 120, "{in_partition_0}");
+    let projection = Arc::new(Gated { gate: tokio::sync::Semaphore::new(0) });
+    let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(projection.clone(), WorkerOptions::default())
+        .unwrap()
+        .start();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let lag = loop {
+        let lag = running.lag("gated").await.unwrap();
+        if lag.partitions[1..].iter().all(|p| p.events_behind == 0) {
+            break lag;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "partitions 1 and 2 never caught up: {lag:?}");
+        // Workers of other partitions are not observable here but through their lag.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Only the gated partition is behind, by exactly its own events, not the whole log's.
+    assert_eq!(lag.partitions.len(), 3);
+    assert_eq!(lag.partitions[0].events_behind, in_partition_0);
+    assert_eq!(lag.events_behind, in_partition_0);
+    assert_eq!(lag.checkpoint, Position::START);
+    assert!(lag.time_behind > Duration::ZERO && lag.time_behind == lag.partitions[0].time_behind);
+    projection.gate.add_permits(1_000);
+    running.wait_for("gated", last, PATIENCE).await.unwrap();
+    let lag = running.lag("gated").await.unwrap();
+    assert_eq!((lag.events_behind, lag.time_behind), (0, Duration::ZERO));
+    running.shutdown().await.unwrap();
 }
 
 /// Fails every event with a decode error: nothing a retry can cure.

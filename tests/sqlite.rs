@@ -87,3 +87,36 @@ async fn a_file_that_cannot_be_opened_is_a_backend_error() {
     assert!(matches!(err, Error::Backend(_)), "{err}");
     assert!(SqliteEventStore::connect("postgres://not-sqlite").await.is_err());
 }
+
+/// Counts, partition by partition, the events a partitioned reader selects.
+async fn partition_counts(store: &SqliteEventStore, partitions: u32) -> Vec<u64> {
+    let head = store.head().await.unwrap();
+    let mut counts = Vec::new();
+    for partition in 0..partitions {
+        let filter = Filter::all().with_partition(partition, partitions);
+        counts.push(store.count(Position::START, head, &filter).await.unwrap());
+    }
+    counts
+}
+
+#[tokio::test]
+async fn events_written_before_stream_hashes_get_them_when_the_file_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store = SqliteEventStore::open(&path).await.unwrap();
+    for i in 0..30 {
+        let stream = StreamName::from_parts("counter", i).unwrap();
+        store.append(&stream, ExpectedVersion::NoStream, (0..i % 4 + 1).map(event).collect()).await.unwrap();
+    }
+    let expected = partition_counts(&store, 3).await;
+    assert_eq!(
+        expected.iter().sum::<u64>(),
+        store.count(Position::START, store.head().await.unwrap(), &Filter::all()).await.unwrap()
+    );
+    // As a file from before the column existed: no hashes, so no partition selects anything.
+    sqlx::query("UPDATE annal_events SET stream_hash = NULL").execute(store.writer()).await.unwrap();
+    assert_eq!(partition_counts(&store, 3).await, [0, 0, 0]);
+    store.close().await;
+    let store = SqliteEventStore::open(&path).await.unwrap();
+    assert_eq!(partition_counts(&store, 3).await, expected);
+}

@@ -71,7 +71,7 @@ pub use crate::error::{BoxError, Error, Result};
 #[doc(inline)]
 pub use crate::event::{DEFAULT_MAX_EVENT_SIZE, MAX_EVENT_TYPE_LEN, Metadata, NewEvent, RecordedEvent};
 #[doc(inline)]
-pub use crate::filter::Filter;
+pub use crate::filter::{Filter, partition_of};
 #[doc(inline)]
 pub use crate::memory::MemoryEventStore;
 #[doc(inline)]

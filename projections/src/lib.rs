@@ -45,11 +45,12 @@ pub use crate::memory::MemoryProjectionStore;
 pub use crate::postgres::PgProjectionStore;
 pub use crate::projection::{Delivery, Projection, Tx};
 pub use crate::retry::{OnFailure, RetryPolicy};
-pub use crate::runner::{Lag, ProjectionRunner, RunningProjections};
+pub use crate::runner::{Lag, PartitionLag, ProjectionRunner, RunningProjections};
 #[cfg(feature = "sqlite")]
 pub use crate::sqlite::SqliteProjectionStore;
 pub use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
-pub use crate::worker::{Latency, Progress, WorkerOptions, partition_of};
+pub use crate::worker::{Latency, Progress, WorkerOptions};
+pub use annal_eventstore::partition_of;
 
 /// `Result` with the projections' [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use annal_eventstore::{EventStore, Position};
+use annal_eventstore::{EventStore, Filter, Position};
 use chrono::Utc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -282,13 +282,48 @@ pub struct Lag {
     pub checkpoint: Position,
     /// The head of the global log.
     pub head: Position,
-    /// Events the projection selects between its checkpoint and the head (for a partitioned
-    /// projection, counted from its lowest partition checkpoint: an upper bound).
+    /// Events the projection selects that are not yet applied, over all its partitions.
     pub events_behind: u64,
     /// How long ago the oldest of them was recorded (zero when caught up).
     pub time_behind: Duration,
     /// Commit-to-applied latency of the events applied in this process since it started.
     pub latency: Latency,
+    /// The same, partition by partition (one entry for an unpartitioned projection).
+    pub partitions: Vec<PartitionLag>,
+}
+
+/// How far behind the head one partition of a projection is.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct PartitionLag {
+    /// The partition.
+    pub partition: u32,
+    /// Its checkpoint.
+    pub checkpoint: Position,
+    /// Events of its streams that the projection selects and has not applied yet.
+    pub events_behind: u64,
+    /// How long ago the oldest of them was recorded (zero when caught up).
+    pub time_behind: Duration,
+}
+
+/// The lag of partition `partition` of `count` of a projection selecting `filter`, whose
+/// checkpoint is `checkpoint`, against `head`.
+pub(crate) async fn partition_lag(
+    events: &dyn EventStore,
+    filter: &Filter,
+    (partition, count): (u32, u32),
+    checkpoint: Position,
+    head: Position,
+) -> Result<PartitionLag> {
+    let filter = filter.clone().with_partition(partition, count);
+    let events_behind = events.count(checkpoint, head, &filter).await?;
+    let oldest = if events_behind > 0 {
+        events.read_all_page(checkpoint, &filter, 1).await?.events.into_iter().next()
+    } else {
+        None
+    };
+    let time_behind = oldest.and_then(|e| (Utc::now() - e.recorded_at).to_std().ok()).unwrap_or_default();
+    Ok(PartitionLag { partition, checkpoint, events_behind, time_behind })
 }
 
 /// Projections running in this process.
@@ -356,22 +391,29 @@ impl RunningProjections {
         Ok(!self.get(name)?.task.is_finished())
     }
 
-    /// The lag of projection `name`: events and time behind the head, and its latency.
+    /// The lag of projection `name`: events and time behind the head, in total and partition by
+    /// partition (each counted in its own streams, in the database), and its latency.
     ///
     /// # Errors
     /// [`Error::UnknownProjection`], store errors.
     pub async fn lag(&self, name: &str) -> Result<Lag> {
         let running = self.get(name)?;
         let filter = running.projection.filter();
-        let checkpoint = self.checkpoint(name).await?;
+        let count = running.projection.partitions().max(1);
         let head = self.events.head().await?;
-        let events_behind = self.events.count(checkpoint, head, &filter).await?;
-        let oldest = self.events.read_all_page(checkpoint, &filter, 1).await?.events.into_iter().next();
-        let time_behind = oldest
-            .filter(|_| events_behind > 0)
-            .and_then(|e| (Utc::now() - e.recorded_at).to_std().ok())
-            .unwrap_or_default();
-        Ok(Lag { checkpoint, head, events_behind, time_behind, latency: running.progress.latency() })
+        let mut partitions = Vec::new();
+        for partition in 0..count {
+            let checkpoint = self.store.checkpoint(name, partition).await?.map_or(Position::START, |c| c.position);
+            partitions.push(partition_lag(&*self.events, &filter, (partition, count), checkpoint, head).await?);
+        }
+        Ok(Lag {
+            checkpoint: partitions.iter().map(|p| p.checkpoint).min().unwrap_or(Position::START),
+            head,
+            events_behind: partitions.iter().map(|p| p.events_behind).sum(),
+            time_behind: partitions.iter().map(|p| p.time_behind).max().unwrap_or_default(),
+            latency: running.progress.latency(),
+            partitions,
+        })
     }
 
     /// Stops as a crashed process would, for tests of failover: workers stop between two

@@ -159,9 +159,9 @@ impl Worker<'_> {
     /// that keeps failing under [`OnFailure::Stop`] (returns the error).
     pub(crate) async fn run(&self, cancel: &CancellationToken) -> Result<()> {
         validate_name(self.name())?;
-        let filter = self.projection.filter();
+        // A partition reads only its own streams, in the database.
+        let filter = self.projection.filter().with_partition(self.options.partition, self.projection.partitions());
         let batch = self.projection.batch_size().max(1);
-        let partitions = self.projection.partitions().max(1);
         let mut wakeup = self.events.wakeup();
         let mut checkpoint = self.load_checkpoint().await?;
         let mut failures = 0u32;
@@ -179,10 +179,6 @@ impl Worker<'_> {
                     }
                 }
             };
-            let mut page = page;
-            if partitions > 1 {
-                page.events.retain(|e| partition_of(&e.stream, partitions) == self.options.partition);
-            }
             let outcome = if page.events.is_empty() {
                 if page.next > checkpoint {
                     self.advance(checkpoint, page.next).await
@@ -396,31 +392,4 @@ fn is_permanent(error: &annal_eventstore::BoxError) -> bool {
         error.downcast_ref::<annal_eventstore::Error>(),
         Some(annal_eventstore::Error::Decode { .. } | annal_eventstore::Error::Corrupt { .. })
     )
-}
-
-/// The partition of a stream: a stable hash (64-bit FNV-1a) of its name, so each stream's
-/// events always go to the same partition and keep their order.
-pub fn partition_of(stream: &StreamName, partitions: u32) -> u32 {
-    let hash = stream
-        .as_str()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
-    u32::try_from(hash % u64::from(partitions.max(1))).unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partitions_are_stable_and_spread() {
-        let stream = |i: u32| StreamName::from_parts("account", i).unwrap();
-        assert_eq!(partition_of(&stream(1), 4), partition_of(&stream(1), 4));
-        assert_eq!(partition_of(&stream(1), 1), 0);
-        let mut counts = [0u32; 4];
-        for i in 0..4000 {
-            counts[partition_of(&stream(i), 4) as usize] += 1;
-        }
-        assert!(counts.iter().all(|c| (800..1200).contains(c)), "{counts:?}");
-    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use annal::{
     Direction, Error, EventStore, ExpectedVersion, Filter, Metadata, NewEvent, Position, ReadStream, RecordedEvent,
-    StreamName, SubscriptionOptions,
+    StreamName, SubscriptionOptions, partition_of,
 };
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
@@ -22,7 +22,7 @@ macro_rules! suite {
             read_all_filters_and_moves_past_unselected, one_winner_among_concurrent_appenders,
             concurrent_writers_are_seen_once_in_order, subscription_catches_up_then_follows_live,
             slow_subscriber_does_not_block_writers, large_batch_is_atomic, json_round_trips_exactly,
-            snapshots_keep_the_newest);
+            snapshots_keep_the_newest, partitions_split_the_log_in_the_store);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
         $(
@@ -538,4 +538,51 @@ pub(crate) async fn snapshots_keep_the_newest<S: EventStore>(store: S) {
     store.save_snapshot(&s, &v2).await.unwrap();
     assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(v2));
     assert_eq!(store.load_snapshot(&stream("snap-2")).await.unwrap(), None);
+}
+
+/// Reads every event `filter` selects, in small pages (so pages move past unselected events).
+async fn read_filtered<S: EventStore>(store: &S, filter: &Filter) -> Vec<RecordedEvent> {
+    let mut events = Vec::new();
+    let mut from = Position::START;
+    loop {
+        let page = store.read_all_page(from, filter, 7).await.unwrap();
+        events.extend(page.events);
+        if page.next == from {
+            return events;
+        }
+        from = page.next;
+    }
+}
+
+pub(crate) async fn partitions_split_the_log_in_the_store<S: EventStore>(store: S) {
+    for i in 0..40 {
+        let category = if i % 4 == 0 { "order" } else { "account" };
+        let s = StreamName::from_parts(category, i).unwrap();
+        store.append(&s, ExpectedVersion::NoStream, events(0..(i % 3) + 1)).await.unwrap();
+    }
+    let head = settle(&store).await;
+    let all = all_events(&store).await;
+    for base in [Filter::all(), Filter::categories(["account"]).with_event_types(["Even"])] {
+        let mut seen = Vec::new();
+        for partition in 0..3 {
+            let filter = base.clone().with_partition(partition, 3);
+            let mine = read_filtered(&store, &filter).await;
+            assert!(!mine.is_empty(), "partition {partition} of 3 got no stream");
+            for e in &mine {
+                assert_eq!(partition_of(&e.stream, 3), partition, "{} read by the wrong partition", e.stream);
+                assert!(base.matches(e) && filter.matches(e));
+            }
+            assert_eq!(store.count(Position::START, head, &filter).await.unwrap(), mine.len() as u64);
+            seen.extend(mine.into_iter().map(|e| e.id));
+        }
+        // Together, the partitions are exactly the unpartitioned selection, each event once.
+        let expected: Vec<Uuid> = all.iter().filter(|e| base.matches(e)).map(|e| e.id).collect();
+        seen.sort();
+        let mut sorted = expected.clone();
+        sorted.sort();
+        assert_eq!(seen, sorted);
+    }
+    // A partition index out of range selects nothing; one partition is everything.
+    assert!(read_filtered(&store, &Filter::all().with_partition(3, 3)).await.is_empty());
+    assert_eq!(Filter::all().with_partition(0, 1), Filter::all());
 }

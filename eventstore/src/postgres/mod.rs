@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::append::{Written, resolve_written};
 use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, encode_batch};
+use crate::filter::stream_hash;
 use crate::sql::{to_i64, to_u64};
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
@@ -88,7 +89,8 @@ impl PgEventStore {
         // A history table of our own, so the store's migrations never mix with the
         // application's sqlx migrations in the same database.
         migrator.dangerous_set_table_name("annal_migrations");
-        migrator.run(pool).await.map_err(Error::backend)
+        migrator.run(pool).await.map_err(Error::backend)?;
+        hash_old_streams(pool).await
     }
 
     /// Sets the limit on one event's encoded size (default 1 MiB).
@@ -243,8 +245,8 @@ async fn check_transaction_ids(pool: &PgPool) -> Result<()> {
 /// batch from 1; the guards make a statement insert nothing when the expectation fails in a way
 /// no unique key catches (the stream is shorter than expected, or missing).
 const APPEND_EXACT: &str = "\
-    INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata) \
-    SELECT e.id, $1, $2, $8 + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb \
+    INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) \
+    SELECT e.id, $1, $2, $8 + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, $9 \
     FROM unnest($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[]) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) \
     WHERE $8 < 0 OR EXISTS (SELECT 1 FROM annal_events WHERE stream = $1 AND version = $8) \
     ORDER BY e.n \
@@ -252,12 +254,33 @@ const APPEND_EXACT: &str = "\
 
 const APPEND_AT_END: &str = "\
     WITH cur AS (SELECT max(version) AS v FROM annal_events WHERE stream = $1) \
-    INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata) \
-    SELECT e.id, $1, $2, coalesce(cur.v, -1) + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb \
+    INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) \
+    SELECT e.id, $1, $2, coalesce(cur.v, -1) + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, $9 \
     FROM cur, unnest($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[]) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) \
     WHERE NOT $8 OR cur.v IS NOT NULL \
     ORDER BY e.n \
     RETURNING version, tx_id, seq";
+
+/// Fills in the stream hash of events written before it was stored (migration 0003): one
+/// read of the streams concerned through a partial index, then one update per chunk of streams.
+async fn hash_old_streams(pool: &PgPool) -> Result<()> {
+    let streams: Vec<String> = sqlx::query_scalar("SELECT DISTINCT stream FROM annal_events WHERE stream_hash IS NULL")
+        .fetch_all(pool)
+        .await?;
+    for chunk in streams.chunks(1000) {
+        let hashes =
+            chunk.iter().map(|s| StreamName::new(s).map(|s| i64::from(stream_hash(&s)))).collect::<Result<Vec<_>>>()?;
+        sqlx::query(
+            "UPDATE annal_events e SET stream_hash = h.hash FROM unnest($1::text[], $2::int8[]) AS h(stream, hash) \
+             WHERE e.stream = h.stream AND e.stream_hash IS NULL",
+        )
+        .bind(chunk)
+        .bind(hashes)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
 
 async fn try_insert(
     conn: &mut PgConnection,
@@ -282,7 +305,7 @@ async fn try_insert(
         Some(base) => query.bind(base),
         None => query.bind(expected == ExpectedVersion::StreamExists),
     };
-    let rows = query.fetch_all(&mut *conn).await?;
+    let rows = query.bind(i64::from(stream_hash(stream))).fetch_all(&mut *conn).await?;
     let mut rows = rows
         .iter()
         .map(|r| Ok((r.try_get::<i64, _>(0)?, position(r.try_get(1)?, r.try_get(2)?))))
@@ -453,6 +476,9 @@ impl EventStore for PgEventStore {
                 sql.push_str(&format!(" AND {column} = ANY(${parameter})"));
             }
         }
+        if filter.partition().is_some() {
+            sql.push_str(&format!(" AND stream_hash % ${} = ${}", parameter + 1, parameter + 2));
+        }
         sql.push_str(" ORDER BY tx_id, seq LIMIT $3");
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(to_i64(from.transaction()))
@@ -462,6 +488,9 @@ impl EventStore for PgEventStore {
             if !values.is_empty() {
                 query = query.bind(values);
             }
+        }
+        if let Some((index, count)) = filter.partition() {
+            query = query.bind(i64::from(count)).bind(i64::from(index));
         }
         let rows = query.fetch_all(&self.pool).await?;
         let events = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
@@ -483,7 +512,8 @@ impl EventStore for PgEventStore {
         let count: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM annal_events WHERE (tx_id, seq) > ($1, $2) AND (tx_id, seq) <= ($3, $4) \
              AND (cardinality($5::text[]) = 0 OR category = ANY($5)) \
-             AND (cardinality($6::text[]) = 0 OR event_type = ANY($6))",
+             AND (cardinality($6::text[]) = 0 OR event_type = ANY($6)) \
+             AND ($7::int8 = 0 OR stream_hash % $7 = $8)",
         )
         .bind(to_i64(after.transaction()))
         .bind(to_i64(after.sequence()))
@@ -491,6 +521,8 @@ impl EventStore for PgEventStore {
         .bind(to_i64(up_to.sequence()))
         .bind(filter.category_list())
         .bind(filter.event_type_list())
+        .bind(filter.partition().map_or(0, |(_, count)| i64::from(count)))
+        .bind(filter.partition().map_or(0, |(index, _)| i64::from(index)))
         .fetch_one(&self.pool)
         .await?;
         Ok(to_u64(count))

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use crate::append::{Written, first_version, resolve_written};
 use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, decode_json, encode_batch};
+use crate::filter::stream_hash;
 use crate::sql::{to_i64, to_u64};
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
@@ -21,7 +22,7 @@ use crate::{
     Result, Snapshot, StreamName,
 };
 
-/// Rows per INSERT statement: 9 parameters each stays far below SQLite's variable limit.
+/// Rows per INSERT statement: 10 parameters each stays far below SQLite's variable limit.
 const ROWS_PER_INSERT: usize = 100;
 
 macro_rules! select_events {
@@ -90,6 +91,7 @@ impl SqliteEventStore {
             .foreign_keys(true);
         let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
         migrator().run(&writer).await.map_err(Error::backend)?;
+        hash_old_streams(&writer).await?;
         let readers = SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
         Ok(SqliteEventStore { writer, readers, notifier: Notifier::new(), max_event_size: DEFAULT_MAX_EVENT_SIZE })
     }
@@ -266,6 +268,7 @@ impl EventStore for SqliteEventStore {
         q.push_bind(to_i64(from.sequence()));
         push_in(&mut q, "category", filter.category_list());
         push_in(&mut q, "event_type", filter.event_type_list());
+        push_partition(&mut q, filter);
         q.push(" ORDER BY position LIMIT ").push_bind(to_i64(limit as u64));
         let rows = q.build().fetch_all(&self.readers).await?;
         let events = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
@@ -283,6 +286,7 @@ impl EventStore for SqliteEventStore {
         q.push_bind(to_i64(after.sequence())).push(" AND position <= ").push_bind(to_i64(up_to.sequence()));
         push_in(&mut q, "category", filter.category_list());
         push_in(&mut q, "event_type", filter.event_type_list());
+        push_partition(&mut q, filter);
         let count: i64 = q.build_query_scalar().fetch_one(&self.readers).await?;
         Ok(to_u64(count))
     }
@@ -335,6 +339,30 @@ fn push_in(q: &mut QueryBuilder<Sqlite>, column: &'static str, values: &[String]
     q.push(")");
 }
 
+fn push_partition(q: &mut QueryBuilder<Sqlite>, filter: &Filter) {
+    if let Some((index, count)) = filter.partition() {
+        q.push(" AND stream_hash % ").push_bind(i64::from(count)).push(" = ").push_bind(i64::from(index));
+    }
+}
+
+/// Fills in the stream hash of events written before it was stored (migration 0003).
+async fn hash_old_streams(writer: &SqlitePool) -> Result<()> {
+    let streams: Vec<String> = sqlx::query_scalar("SELECT DISTINCT stream FROM annal_events WHERE stream_hash IS NULL")
+        .fetch_all(writer)
+        .await?;
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    for stream in streams {
+        let hash = i64::from(stream_hash(&StreamName::new(&stream)?));
+        sqlx::query("UPDATE annal_events SET stream_hash = ?1 WHERE stream = ?2 AND stream_hash IS NULL")
+            .bind(hash)
+            .bind(&stream)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
 async fn insert_chunk(
     tx: &mut sqlx::SqliteConnection,
     stream: &StreamName,
@@ -342,8 +370,9 @@ async fn insert_chunk(
     chunk: &[EncodedEvent],
     recorded_at: i64,
 ) -> Result<Vec<(i64, i64)>, sqlx::Error> {
+    let hash = i64::from(stream_hash(stream));
     let mut q = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, recorded_at) ",
+        "INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, recorded_at, stream_hash) ",
     );
     q.push_values(chunk.iter().enumerate(), |mut row, (i, e)| {
         row.push_bind(e.event.id)
@@ -354,7 +383,8 @@ async fn insert_chunk(
             .push_bind(i64::from(e.event.schema_version))
             .push_bind(e.data.as_str())
             .push_bind(e.metadata.as_str())
-            .push_bind(recorded_at);
+            .push_bind(recorded_at)
+            .push_bind(hash);
     });
     q.push(" RETURNING version, position");
     let rows = q.build().fetch_all(&mut *tx).await?;

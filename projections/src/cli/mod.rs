@@ -328,6 +328,10 @@ async fn shutdown_signal() {
 /// The Prometheus text exposition of every projection's lag.
 async fn metrics_text(running: &RunningProjections, names: &[String]) -> String {
     use std::fmt::Write;
+    let mut lags = Vec::new();
+    for name in names {
+        lags.push((name, running.is_running(name).unwrap_or(false), running.lag(name).await.ok()));
+    }
     let mut out = String::new();
     let gauges = [
         ("annal_projection_running", "1 while the projection runs"),
@@ -337,35 +341,26 @@ async fn metrics_text(running: &RunningProjections, names: &[String]) -> String 
     ];
     for (metric, help) in gauges {
         let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
-        for name in names {
+        for (name, up, lag) in &lags {
             let label = format!("projection=\"{name}\"");
-            match metric {
-                "annal_projection_running" => {
-                    let up = u8::from(running.is_running(name).unwrap_or(false));
-                    let _ = writeln!(out, "{metric}{{{label}}} {up}");
+            match (metric, lag) {
+                ("annal_projection_running", _) => {
+                    let _ = writeln!(out, "{metric}{{{label}}} {}", u8::from(*up));
                 }
-                _ => {
-                    let Ok(lag) = running.lag(name).await else { continue };
-                    match metric {
-                        "annal_projection_events_behind" => {
-                            let _ = writeln!(out, "{metric}{{{label}}} {}", lag.events_behind);
-                        }
-                        "annal_projection_seconds_behind" => {
-                            let _ = writeln!(out, "{metric}{{{label}}} {}", lag.time_behind.as_secs_f64());
-                        }
-                        _ => {
-                            for (quantile, value) in
-                                [("0.5", lag.latency.p50), ("0.99", lag.latency.p99), ("0.999", lag.latency.p999)]
-                            {
-                                let _ = writeln!(
-                                    out,
-                                    "{metric}{{{label},quantile=\"{quantile}\"}} {}",
-                                    value.as_secs_f64()
-                                );
-                            }
-                        }
+                ("annal_projection_events_behind", Some(lag)) => {
+                    let _ = writeln!(out, "{metric}{{{label}}} {}", lag.events_behind);
+                }
+                ("annal_projection_seconds_behind", Some(lag)) => {
+                    let _ = writeln!(out, "{metric}{{{label}}} {}", lag.time_behind.as_secs_f64());
+                }
+                (_, Some(lag)) => {
+                    for (quantile, value) in
+                        [("0.5", lag.latency.p50), ("0.99", lag.latency.p99), ("0.999", lag.latency.p999)]
+                    {
+                        let _ = writeln!(out, "{metric}{{{label},quantile=\"{quantile}\"}} {}", value.as_secs_f64());
                     }
                 }
+                (_, None) => {}
             }
         }
     }
@@ -403,11 +398,8 @@ async fn status(
         for partition in 0..partitions {
             let checkpoint = store.checkpoint(&name, partition).await?;
             let position = checkpoint.as_ref().map_or(annal_eventstore::Position::START, |c| c.position);
-            let behind = events.count(position, head, &filter).await?;
-            let oldest = events.read_all_page(position, &filter, 1).await?.events.into_iter().next();
-            let seconds = oldest
-                .filter(|_| behind > 0)
-                .map_or(0.0, |e| (chrono::Utc::now() - e.recorded_at).num_milliseconds() as f64 / 1e3);
+            let lag = crate::runner::partition_lag(&*events, &filter, (partition, partitions), position, head).await?;
+            let (behind, seconds) = (lag.events_behind, lag.time_behind.as_secs_f64());
             let lease = leases.iter().find(|l| l.partition == partition);
             let held = lease.is_some_and(|l| l.expires_at > chrono::Utc::now());
             let lease = lease.map_or("-".to_owned(), |l| {
