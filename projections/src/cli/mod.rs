@@ -195,7 +195,15 @@ pub async fn main_with(extra: Vec<Arc<dyn Projection>>) -> i32 {
     match run(cli, extra).await {
         Ok(()) => 0,
         Err(error) => {
-            eprintln!("annal-runner: {error}");
+            // The whole chain: "database error" alone says nothing about what to fix.
+            let mut message = error.to_string();
+            let mut source = error.source();
+            while let Some(cause) = source {
+                message.push_str(": ");
+                message.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            eprintln!("annal-runner: {message}");
             1
         }
     }
