@@ -62,6 +62,12 @@ impl Latencies {
         self.histogram.value_at_quantile(q) as f64 / 1000.0
     }
 
+    /// The sum of all samples, in milliseconds.
+    pub(crate) fn sum_ms(&self) -> f64 {
+        self.histogram.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum::<f64>()
+            / 1000.0
+    }
+
     pub(crate) fn max_ms(&self) -> f64 {
         self.histogram.max() as f64 / 1000.0
     }
