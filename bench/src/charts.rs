@@ -45,7 +45,15 @@ impl Data {
 }
 
 fn color(i: usize) -> RGBAColor {
-    [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)][i % 4].to_rgba()
+    const PALETTE: [RGBColor; 6] = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+    ];
+    PALETTE[i % PALETTE.len()].to_rgba()
 }
 
 /// Events per second by number of writers, Annal beside raw INSERTs: one panel for single-event
@@ -79,6 +87,7 @@ fn throughput(path: &Path, data: &[Throughput]) -> anyhow::Result<()> {
                     String::new()
                 }
             })
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .x_desc("writers")
             .y_desc("events/s")
             .disable_x_mesh()

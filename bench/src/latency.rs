@@ -72,9 +72,10 @@ impl Latencies {
         self.histogram.max() as f64 / 1000.0
     }
 
-    /// The distribution for a chart: latency at quantiles from p0 to p99.9.
+    /// The distribution for a chart: latency at quantiles from p10 to p99.9 (below, the
+    /// fastest events say little and the slowest carry the goals).
     pub(crate) fn curve(&self, label: impl Into<String>) -> Curve {
-        let points = (0..=60)
+        let points = (1..=60)
             .map(|i| {
                 // Evenly spaced in "nines": 0 is p0, 1 is p90, 2 is p99, 3 is p99.9.
                 let nines = f64::from(i) * 0.05;
