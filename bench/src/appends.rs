@@ -60,17 +60,18 @@ pub(crate) async fn postgres(
     for shape in shapes {
         let (raw, annal) =
             alternate(&Target::Raw(raw_pool.clone()), &Target::Annal(store.clone()), shape, plan).await?;
-        throughput.push(Throughput { writers: shape.writers, batch: shape.batch, raw, annal });
+        throughput.push(Throughput { writers: shape.writers, batch: shape.batch, raw: raw.rate, annal: annal.rate });
         rows.push(
             Measurement::against(
                 format!("PostgreSQL append, {} writers, {}-event batches", shape.writers, shape.batch),
-                annal,
+                annal.rate,
                 "events/s",
                 Better::Higher,
                 "raw INSERT",
-                raw,
+                raw.rate,
             )
-            .ratio_at_least(0.9),
+            .ratio_at_least(0.9)
+            .note(cpu_note(annal, raw, "raw")),
         );
     }
     // What the cross-process wake-up costs, and what the naive one would cost.
@@ -80,22 +81,22 @@ pub(crate) async fn postgres(
     quiet.notify_other_processes(true);
     rows.push(Measurement::against(
         "PostgreSQL append, 16 writers, with coalesced NOTIFY after commit",
-        with,
+        with.rate,
         "events/s",
         Better::Higher,
         "Annal without NOTIFY",
-        without,
+        without.rate,
     ));
     let (raw, naive) =
         alternate(&Target::Raw(raw_pool.clone()), &Target::RawNotifyInTransaction(raw_pool.clone()), shape, plan)
             .await?;
     rows.push(Measurement::against(
         "raw INSERT + pg_notify in the same transaction, 16 writers",
-        naive,
+        naive.rate,
         "events/s",
         Better::Higher,
         "raw INSERT",
-        raw,
+        raw.rate,
     ));
     store.close().await;
     raw_pool.close().await;
@@ -119,13 +120,14 @@ pub(crate) async fn bulk(admin: &PgPool, url: &str, plan: Plan) -> anyhow::Resul
     Ok(vec![
         Measurement::against(
             "PostgreSQL bulk import: append in 1000-event batches vs COPY",
-            annal,
+            annal.rate,
             "events/s",
             Better::Higher,
             "raw COPY (1000 rows each)",
-            copy,
+            copy.rate,
         )
-        .ratio_at_least(0.8),
+        .ratio_at_least(0.8)
+        .note(cpu_note(annal, copy, "COPY")),
     ])
 }
 
@@ -150,38 +152,78 @@ pub(crate) async fn sqlite(plan: Plan) -> anyhow::Result<Vec<Measurement>> {
         let (raw, annal) =
             alternate(&Target::RawSqlite(raw_sqlite.clone()), &Target::AnnalSqlite(sqlite_store.clone()), shape, plan)
                 .await?;
-        rows.push(Measurement::against(
-            format!("SQLite append, {} writers, {}-event batches", shape.writers, shape.batch),
-            annal,
-            "events/s",
-            Better::Higher,
-            "raw INSERT",
-            raw,
-        ));
+        rows.push(
+            Measurement::against(
+                format!("SQLite append, {} writers, {}-event batches", shape.writers, shape.batch),
+                annal.rate,
+                "events/s",
+                Better::Higher,
+                "raw INSERT",
+                raw.rate,
+            )
+            // Embedded: all of SQLite's work is in this process.
+            .note(cpu_note(Side { server_us: None, ..annal }, Side { server_us: None, ..raw }, "raw")),
+        );
     }
     sqlite_store.close().await;
     raw_sqlite.close().await;
     Ok(rows)
 }
 
-/// Runs `a` and `b` for `plan.rounds` rounds each, alternating which goes first; returns each
-/// one's mean events per second.
-async fn alternate(a: &Target, b: &Target, shape: Shape, plan: Plan) -> anyhow::Result<(f64, f64)> {
-    let (mut sum_a, mut sum_b) = (0.0, 0.0);
-    for round in 0..plan.rounds {
-        if round % 2 == 0 {
-            sum_a += run(a, shape, plan.duration).await?;
-            sum_b += run(b, shape, plan.duration).await?;
-        } else {
-            sum_b += run(b, shape, plan.duration).await?;
-            sum_a += run(a, shape, plan.duration).await?;
-        }
-    }
-    Ok((sum_a / f64::from(plan.rounds), sum_b / f64::from(plan.rounds)))
+/// One side's figures: events per second, and CPU per event in this process (the client) and
+/// in the server.
+#[derive(Clone, Copy, Debug, Default)]
+struct Side {
+    rate: f64,
+    client_us: f64,
+    server_us: Option<f64>,
 }
 
-/// `writers` tasks append to their own fresh streams for `duration`; returns events per second.
-async fn run(target: &Target, shape: Shape, duration: Duration) -> anyhow::Result<f64> {
+impl Side {
+    fn add(&mut self, other: Side) {
+        self.rate += other.rate;
+        self.client_us += other.client_us;
+        self.server_us = other.server_us.map(|us| us + self.server_us.unwrap_or_default());
+    }
+
+    fn mean(self, rounds: u32) -> Side {
+        let n = f64::from(rounds);
+        Side { rate: self.rate / n, client_us: self.client_us / n, server_us: self.server_us.map(|us| us / n) }
+    }
+
+    /// "client 12 µs + server 80 µs of CPU per event".
+    fn cpu(&self) -> String {
+        match self.server_us {
+            Some(server) => format!("client {:.0} µs + server {server:.0} µs", self.client_us),
+            None => format!("{:.0} µs", self.client_us),
+        }
+    }
+}
+
+/// "CPU per event: Annal ..., raw ...": where the time goes, on a machine where client and server
+/// share two cores.
+fn cpu_note(annal: Side, raw: Side, baseline: &str) -> String {
+    format!("CPU per event: Annal {}, {baseline} {}", annal.cpu(), raw.cpu())
+}
+
+/// Runs `a` and `b` for `plan.rounds` rounds each, alternating which goes first; returns each
+/// one's mean figures.
+async fn alternate(a: &Target, b: &Target, shape: Shape, plan: Plan) -> anyhow::Result<(Side, Side)> {
+    let (mut sum_a, mut sum_b) = (Side::default(), Side::default());
+    for round in 0..plan.rounds {
+        if round % 2 == 0 {
+            sum_a.add(run(a, shape, plan.duration).await?);
+            sum_b.add(run(b, shape, plan.duration).await?);
+        } else {
+            sum_b.add(run(b, shape, plan.duration).await?);
+            sum_a.add(run(a, shape, plan.duration).await?);
+        }
+    }
+    Ok((sum_a.mean(plan.rounds), sum_b.mean(plan.rounds)))
+}
+
+/// `writers` tasks append to their own fresh streams for `duration`.
+async fn run(target: &Target, shape: Shape, duration: Duration) -> anyhow::Result<Side> {
     let run_id = run_id();
     let start = Arc::new(tokio::sync::Barrier::new(shape.writers + 1));
     let mut tasks = Vec::new();
@@ -201,11 +243,19 @@ async fn run(target: &Target, shape: Shape, duration: Duration) -> anyhow::Resul
     }
     start.wait().await;
     let began = Instant::now();
+    let (client, server) = crate::cpu::used();
     let mut total = 0;
     for task in tasks {
         total += task.await??;
     }
-    Ok(total as f64 / began.elapsed().as_secs_f64())
+    let seconds = began.elapsed().as_secs_f64();
+    let (client_after, server_after) = crate::cpu::used();
+    let per_event = |cpu: f64| cpu * 1e6 / total.max(1) as f64;
+    Ok(Side {
+        rate: total as f64 / seconds,
+        client_us: per_event(client_after - client),
+        server_us: server.zip(server_after).map(|(before, after)| per_event(after - before)),
+    })
 }
 
 const RAW_INSERT: &str = "INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata) \

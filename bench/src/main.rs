@@ -10,6 +10,7 @@
 mod aggregate;
 mod appends;
 mod charts;
+mod cpu;
 mod db;
 mod fanout;
 mod lag;
