@@ -169,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
     report.compare(previous.as_ref());
     let table = report.table();
     println!("\n{table}");
-    let dir = args.out.parent().map(PathBuf::from).unwrap_or_default();
+    let dir = args.out.parent().filter(|d| !d.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), PathBuf::from);
     report.write(&args.out)?;
     std::fs::write(dir.join("report.md"), &table)?;
     let mut chart_dirs = vec![dir];
