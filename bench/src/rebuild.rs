@@ -149,7 +149,10 @@ pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::R
             raw,
         )
         .at_least(50_000.0)
-        .note(format!("{BATCH}-event batches, one upsert per batch, {} rounds; {profile}", plan.rounds)),
+        .note(format!(
+            "{BATCH}-event batches, one upsert per batch, {}; {profile}",
+            if plan.rounds == 1 { "one round".to_owned() } else { format!("{} alternating rounds", plan.rounds) }
+        )),
     ])
 }
 
