@@ -185,16 +185,20 @@ impl<S: ProjectionStore> ProjectionStore for Timed<S> {
         self.inner.leases(projection).await
     }
 
-    async fn register_runner(&self, owner: &str, ttl: Duration) -> annal_projections::Result<usize> {
-        self.inner.register_runner(owner, ttl).await
+    async fn register_runner(&self, projection: &str, owner: &str, ttl: Duration) -> annal_projections::Result<usize> {
+        self.inner.register_runner(projection, owner, ttl).await
     }
 
-    async fn deregister_runner(&self, owner: &str) -> annal_projections::Result<()> {
-        self.inner.deregister_runner(owner).await
+    async fn deregister_runner(&self, projection: &str, owner: &str) -> annal_projections::Result<()> {
+        self.inner.deregister_runner(projection, owner).await
     }
 
     async fn reset(&self, projection: &str) -> annal_projections::Result<()> {
         self.inner.reset(projection).await
+    }
+
+    async fn promote(&self, shadow: &str, live: &str, statements: &[String]) -> annal_projections::Result<()> {
+        self.inner.promote(shadow, live, statements).await
     }
 }
 
