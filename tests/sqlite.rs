@@ -120,3 +120,21 @@ async fn events_written_before_stream_hashes_get_them_when_the_file_is_opened() 
     let store = SqliteEventStore::open(&path).await.unwrap();
     assert_eq!(partition_counts(&store, 3).await, expected);
 }
+
+#[cfg(feature = "projections")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_opening_a_new_file_at_once_both_migrate_it() {
+    // Two stores on one file stand for two processes; they race on every migration.
+    for _ in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        let open = || async {
+            let store = SqliteEventStore::open(&path).await.expect("the event store's migrations");
+            annal::projections::SqliteProjectionStore::new(&store).await.expect("the projection store's migrations");
+            store
+        };
+        let (a, b) = tokio::join!(open(), open());
+        a.close().await;
+        b.close().await;
+    }
+}

@@ -33,7 +33,9 @@ impl SqliteProjectionStore {
         let pool = events.writer().clone();
         let mut migrator = sqlx::migrate!("./migrations/sqlite");
         migrator.dangerous_set_table_name("annal_projection_migrations");
-        migrator.run(&pool).await.map_err(|e| Error::Store(annal_eventstore::Error::Backend(Box::new(e))))?;
+        SqliteEventStore::run_migrations(&migrator, &pool)
+            .await
+            .map_err(|e| Error::Store(annal_eventstore::Error::Backend(Box::new(e))))?;
         Ok(SqliteProjectionStore { pool })
     }
 }

@@ -89,11 +89,28 @@ impl SqliteEventStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let writer = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
-        migrator().run(&writer).await.map_err(Error::backend)?;
+        let writer =
+            again_if_raced(|| SqlitePoolOptions::new().max_connections(1).connect_with(options.clone())).await?;
+        Self::run_migrations(&migrator(), &writer).await.map_err(Error::backend)?;
         hash_old_streams(&writer).await?;
         let readers = SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
         Ok(SqliteEventStore { writer, readers, notifier: Notifier::new(), max_event_size: DEFAULT_MAX_EVENT_SIZE })
+    }
+
+    /// Runs `migrator` on a SQLite pool, where sqlx takes no lock: when two processes open a new
+    /// file at once, both may try a migration, and the one that waited for the other's write lock
+    /// then fails with "table ... already exists" (or "database is locked"). Running again, after
+    /// a pause, finds that migration applied. (For the projection store's migrations too, hence
+    /// public; not meant for applications.)
+    ///
+    /// # Errors
+    /// The last attempt's error.
+    #[doc(hidden)]
+    pub async fn run_migrations(
+        migrator: &sqlx::migrate::Migrator,
+        pool: &SqlitePool,
+    ) -> std::result::Result<(), sqlx::migrate::MigrateError> {
+        again_if_raced(|| migrator.run(pool)).await
     }
 
     /// Sets the limit on one event's encoded size (default 1 MiB).
@@ -155,6 +172,25 @@ impl SqliteEventStore {
         match resolve_written(stream, expected, ids, self.written(ids).await?)? {
             Some(original) => Ok(original),
             None => Err(conflict),
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, up to 10 times with a growing pause: for what two processes
+/// opening a new file at once race on (switching it to WAL, migrating it), where SQLite answers
+/// SQLITE_BUSY at once instead of waiting (a deferred transaction cannot wait to upgrade).
+async fn again_if_raced<T, E: std::fmt::Display, F: std::future::Future<Output = std::result::Result<T, E>>>(
+    mut attempt: impl FnMut() -> F,
+) -> std::result::Result<T, E> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match attempt().await {
+            Err(error) if attempts < 10 => {
+                tracing::debug!(%error, "raced another process opening the file; again");
+                tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
+            }
+            result => return result,
         }
     }
 }

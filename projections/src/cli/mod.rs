@@ -199,8 +199,12 @@ pub async fn main_with(extra: Vec<Arc<dyn Projection>>) -> i32 {
             let mut message = error.to_string();
             let mut source = error.source();
             while let Some(cause) = source {
-                message.push_str(": ");
-                message.push_str(&cause.to_string());
+                let cause_text = cause.to_string();
+                // Some errors repeat their source in their own message.
+                if !message.contains(&cause_text) {
+                    message.push_str(": ");
+                    message.push_str(&cause_text);
+                }
                 source = cause.source();
             }
             eprintln!("annal-runner: {message}");
