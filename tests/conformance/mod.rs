@@ -22,7 +22,8 @@ macro_rules! suite {
             read_all_filters_and_moves_past_unselected, one_winner_among_concurrent_appenders,
             concurrent_writers_are_seen_once_in_order, subscription_catches_up_then_follows_live,
             slow_subscriber_does_not_block_writers, large_batch_is_atomic, json_round_trips_exactly,
-            snapshots_keep_the_newest, partitions_split_the_log_in_the_store);
+            snapshots_keep_the_newest, partitions_split_the_log_in_the_store,
+            many_subscriptions_each_get_exactly_their_events);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
         $(
@@ -585,4 +586,75 @@ pub(crate) async fn partitions_split_the_log_in_the_store<S: EventStore>(store: 
     // A partition index out of range selects nothing; one partition is everything.
     assert!(read_filtered(&store, &Filter::all().with_partition(3, 3)).await.is_empty());
     assert_eq!(Filter::all().with_partition(0, 1), Filter::all());
+}
+
+pub(crate) async fn many_subscriptions_each_get_exactly_their_events<S: EventStore + Clone + 'static>(store: S) {
+    // Some history, so that subscriptions starting early catch up while others follow the head.
+    let mut middle = Position::START;
+    for i in 0..20 {
+        let s = StreamName::from_parts(if i % 2 == 0 { "fan" } else { "out" }, i % 5).unwrap();
+        middle = store.append(&s, ExpectedVersion::Any, events(i..i + 1)).await.unwrap().position();
+    }
+    let filters = [
+        Filter::all(),
+        Filter::categories(["fan"]),
+        Filter::event_types(["Even", "Last"]),
+        Filter::all().with_partition(0, 3),
+        Filter::categories(["out"]).with_partition(2, 3),
+    ];
+    let subscriptions: Vec<_> = (0..40)
+        .map(|i| {
+            let (filter, from) =
+                (filters[i % filters.len()].clone(), if i % 3 == 0 { Position::START } else { middle });
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut sub = store.subscribe_with(from, filter.clone(), SubscriptionOptions::default().page_size(7));
+                let mut got = Vec::new();
+                // Until the last event the writer appends (a marker every filter selects).
+                loop {
+                    let e = next_event(&mut sub).await;
+                    let done = e.event_type == "Last";
+                    got.push(e.id);
+                    if done {
+                        break;
+                    }
+                }
+                let expected: Vec<Uuid> = all_events(&store)
+                    .await
+                    .into_iter()
+                    .filter(|e| e.position > from && filter.matches(e))
+                    .map(|e| e.id)
+                    .collect();
+                (i, got, expected)
+            })
+        })
+        .collect();
+    // Writers append while the subscriptions run, from several tasks.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    let s =
+                        StreamName::from_parts(if (w + i) % 2 == 0 { "fan" } else { "out" }, (w * 7 + i) % 9).unwrap();
+                    store.append(&s, ExpectedVersion::Any, events(i..i + 1)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    // The last event: one per partition of 3 and category, so that every filter sees one.
+    for i in 0..30 {
+        let s = StreamName::from_parts(if i % 2 == 0 { "fan" } else { "out" }, format!("last{i}")).unwrap();
+        store.append(&s, ExpectedVersion::NoStream, vec![NewEvent::new("Last", json!({}))]).await.unwrap();
+    }
+    for subscription in subscriptions {
+        let (i, got, expected) =
+            tokio::time::timeout(PATIENCE, subscription).await.expect("a subscription stalled").unwrap();
+        // Each got the selected events in global order, none twice, up to its first `Last`.
+        assert_eq!(got, expected[..got.len()], "subscription {i}");
+        assert!(got.len() > 1, "subscription {i} got only {got:?}");
+    }
 }
