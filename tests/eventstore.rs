@@ -22,19 +22,11 @@ mod sqlite {
 
 #[cfg(feature = "postgres")]
 mod postgres {
-    use annal::{EventStore, ExpectedVersion, Filter, NewEvent, PgEventStore, Position, StreamName};
+    use annal::{EventStore, ExpectedVersion, NewEvent, PgEventStore, StreamName};
+
+    use crate::support::partition_counts;
 
     crate::conformance::suite!(async { (crate::support::pg::fresh_store().await, ()) });
-
-    async fn partition_counts(store: &PgEventStore, partitions: u32) -> Vec<u64> {
-        let head = store.head().await.unwrap();
-        let mut counts = Vec::new();
-        for partition in 0..partitions {
-            let filter = Filter::all().with_partition(partition, partitions);
-            counts.push(store.count(Position::START, head, &filter).await.unwrap());
-        }
-        counts
-    }
 
     #[tokio::test]
     async fn events_written_before_stream_hashes_get_them_when_the_store_opens() {

@@ -10,6 +10,9 @@ use annal::{
 };
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
+use support::partition_counts;
+
+mod support;
 
 fn event(n: u64) -> NewEvent {
     NewEvent::new("Counted", json!({ "n": n }))
@@ -86,17 +89,6 @@ async fn a_file_that_cannot_be_opened_is_a_backend_error() {
     let err = SqliteEventStore::open(dir.path().join("missing-dir").join("events.db")).await.unwrap_err();
     assert!(matches!(err, Error::Backend(_)), "{err}");
     assert!(SqliteEventStore::connect("postgres://not-sqlite").await.is_err());
-}
-
-/// Counts, partition by partition, the events a partitioned reader selects.
-async fn partition_counts(store: &SqliteEventStore, partitions: u32) -> Vec<u64> {
-    let head = store.head().await.unwrap();
-    let mut counts = Vec::new();
-    for partition in 0..partitions {
-        let filter = Filter::all().with_partition(partition, partitions);
-        counts.push(store.count(Position::START, head, &filter).await.unwrap());
-    }
-    counts
 }
 
 #[tokio::test]

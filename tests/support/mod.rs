@@ -1,5 +1,16 @@
-//! Shared helpers for tests that need a PostgreSQL server.
+//! Shared helpers for tests: PostgreSQL servers, partition counts.
 #![allow(dead_code, unreachable_pub)]
+
+/// Counts, partition by partition, the events a partitioned reader of `store` selects.
+pub async fn partition_counts(store: &impl annal::EventStore, partitions: u32) -> Vec<u64> {
+    let head = store.head().await.unwrap();
+    let mut counts = Vec::new();
+    for partition in 0..partitions {
+        let filter = annal::Filter::all().with_partition(partition, partitions);
+        counts.push(store.count(annal::Position::START, head, &filter).await.unwrap());
+    }
+    counts
+}
 
 #[cfg(feature = "postgres")]
 pub mod pg {
