@@ -246,8 +246,8 @@ pub(crate) fn follow<'a, S: EventStore + ?Sized>(
                 tokio::time::sleep(delay).await;
             }
             st.wakeup.mark_seen();
-            let tail = st.wakeup.tail.clone();
-            let read = match tail.page(st.store, st.from, &st.filter, st.options.page_size, &st.wakeup).await {
+            let read = match st.wakeup.tail.page(st.store, st.from, &st.filter, st.options.page_size, &st.wakeup).await
+            {
                 Ok(Some(page)) => Ok(page),
                 Ok(None) => st.store.read_all_page(st.from, &st.filter, st.options.page_size).await,
                 Err(error) => Err(error),

@@ -176,23 +176,47 @@ impl SqliteEventStore {
     }
 }
 
-/// Runs `attempt` until it succeeds, up to 10 times with a growing pause: for what two processes
-/// opening a new file at once race on (switching it to WAL, migrating it), where SQLite answers
-/// SQLITE_BUSY at once instead of waiting (a deferred transaction cannot wait to upgrade).
-async fn again_if_raced<T, E: std::fmt::Display, F: std::future::Future<Output = std::result::Result<T, E>>>(
-    mut attempt: impl FnMut() -> F,
-) -> std::result::Result<T, E> {
+/// Runs `attempt` again, up to 10 times with a growing pause, while it fails the way two
+/// processes opening a new file at once make each other fail (switching it to WAL, migrating it):
+/// SQLite answers SQLITE_BUSY at once instead of waiting (a deferred transaction cannot wait to
+/// upgrade), or the loser of a migration finds the winner's work done. Other errors (a file that
+/// cannot be opened) return at once.
+async fn again_if_raced<T, E, F>(mut attempt: impl FnMut() -> F) -> std::result::Result<T, E>
+where
+    E: std::error::Error + 'static,
+    F: std::future::Future<Output = std::result::Result<T, E>>,
+{
     let mut attempts = 0;
     loop {
         attempts += 1;
         match attempt().await {
-            Err(error) if attempts < 10 => {
+            Err(error) if attempts < 10 && raced(&error) => {
                 tracing::debug!(%error, "raced another process opening the file; again");
                 tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
             }
             result => return result,
         }
     }
+}
+
+/// Whether `error` may come from another process opening the file at the same moment: SQLITE_BUSY
+/// or SQLITE_LOCKED (anywhere in its causes), or a failed migration (the other process may have
+/// applied it first, whatever the error says: "already exists", "duplicate column name"...; a
+/// migration broken for good fails every attempt and is reported after about a second).
+fn raced(error: &(dyn std::error::Error + 'static)) -> bool {
+    if error.downcast_ref::<sqlx::migrate::MigrateError>().is_some() {
+        return true;
+    }
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(sqlx::Error::Database(db)) = error.downcast_ref::<sqlx::Error>() {
+            // Extended result codes keep the primary code in their low byte.
+            let code = db.code().and_then(|c| c.parse::<u32>().ok()).map(|c| c & 0xff);
+            return matches!(code, Some(5 | 6));
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// The embedded migrations, kept in their own history table so they never mix with an
