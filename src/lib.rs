@@ -10,6 +10,7 @@
 //! | `postgres`    |         | [`PgEventStore`], the production backend                 |
 //! | `projections` | yes     | the [`projections`] crate                                |
 //! | `derive`      | yes     | `#[derive(Event)]`, `#[derive(Aggregate)]`               |
+//! | `runner`      |         | the [`runner`] crate: `annal-runner` as a library        |
 //!
 //! # Example
 //!
@@ -43,6 +44,10 @@ pub use annal_eventstore::*;
 #[cfg(feature = "projections")]
 #[doc(inline)]
 pub use annal_projections as projections;
+
+#[cfg(feature = "runner")]
+#[doc(inline)]
+pub use annal_runner as runner;
 
 #[cfg(feature = "derive")]
 #[doc(inline)]

@@ -10,14 +10,12 @@
 //! - A [`ProjectionRunner`] runs projections, sharing their partitions with other runner
 //!   processes through leases; [`RunningProjections`] waits for positions (read-your-writes),
 //!   reports [`Lag`] and shuts down gracefully.
-//! - Behind the `runner` feature, the `cli` module is the `annal-runner` command line, for
-//!   declarative SQL projections and your own Rust ones.
+//! - The `annal-runner` crate runs them from the command line: declarative SQL projections and
+//!   your own Rust ones.
 //!
 //! The guarantees in plain words are in `docs/projections.md`; running it in production in
 //! `docs/runner.md`.
 
-#[cfg(feature = "runner")]
-pub mod cli;
 mod dead_letters;
 mod dedup;
 mod memory;
@@ -43,9 +41,9 @@ pub use crate::dedup::Dedup;
 pub use crate::memory::MemoryProjectionStore;
 #[cfg(feature = "postgres")]
 pub use crate::postgres::PgProjectionStore;
-pub use crate::projection::{Delivery, Projection, Tx};
+pub use crate::projection::{Delivery, Projection, Tx, validate_name};
 pub use crate::retry::{OnFailure, RetryPolicy};
-pub use crate::runner::{Lag, PartitionLag, ProjectionRunner, RunningProjections};
+pub use crate::runner::{Lag, PartitionLag, ProjectionRunner, RunningProjections, partition_lag};
 #[cfg(feature = "sqlite")]
 pub use crate::sqlite::SqliteProjectionStore;
 pub use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};

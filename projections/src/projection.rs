@@ -115,8 +115,12 @@ pub trait Projection: Send + Sync {
     async fn handle(&self, events: &[RecordedEvent], tx: &mut Tx<'_>) -> std::result::Result<(), BoxError>;
 }
 
-/// Checks a projection name.
-pub(crate) fn validate_name(name: &str) -> Result<()> {
+/// Checks a projection name against the rules of [`Projection::name`] (the runner checks the
+/// names of its tables with them too).
+///
+/// # Errors
+/// [`Error::InvalidName`], with the rule broken.
+pub fn validate_name(name: &str) -> Result<()> {
     let reason = if name.is_empty() || name.len() > 63 {
         Some("a projection name is 1 to 63 characters")
     } else if !name.starts_with(|c: char| c.is_ascii_lowercase()) {

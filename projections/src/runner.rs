@@ -307,8 +307,12 @@ pub struct PartitionLag {
 }
 
 /// The lag of partition `partition` of `count` of a projection selecting `filter`, whose
-/// checkpoint is `checkpoint`, against `head`.
-pub(crate) async fn partition_lag(
+/// checkpoint is `checkpoint`, against `head`: for reports on projections that run in other
+/// processes ([`RunningProjections::lag`] covers those running here).
+///
+/// # Errors
+/// Event store errors.
+pub async fn partition_lag(
     events: &dyn EventStore,
     filter: &Filter,
     (partition, count): (u32, u32),

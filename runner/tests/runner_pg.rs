@@ -2,7 +2,7 @@
 //! killed; a runner joins a busy one; a poison event is parked, then retried once after the fix.
 //! (The server restart test is in `runner_pg_restart.rs`, a binary of its own, so that the
 //! restart cannot cut the connections of tests running beside it.)
-#![cfg(feature = "runner")]
+#![cfg(feature = "postgres")]
 
 #[path = "support/runner_pg.rs"]
 mod support;

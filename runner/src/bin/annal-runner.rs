@@ -4,5 +4,5 @@
 
 #[tokio::main]
 async fn main() {
-    std::process::exit(annal_projections::cli::main_with(Vec::new()).await);
+    std::process::exit(annal_runner::main_with(Vec::new()).await);
 }

@@ -1,13 +1,13 @@
 //! `examples/custom_runner.rs` as an operator uses it: its Rust projection runs beside the
 //! configured ones with the `annal-runner` command line, shows in `status`, stops cleanly on
 //! SIGTERM and rebuilds.
-#![cfg(all(feature = "runner", feature = "sqlite"))]
+#![cfg(feature = "sqlite")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use annal::{EventStore, ExpectedVersion, NewEvent, SqliteEventStore, StreamName};
+use annal_eventstore::{EventStore, ExpectedVersion, NewEvent, SqliteEventStore, StreamName};
 use serde_json::json;
 
 /// The example's binary, which `cargo test` builds beside the test binaries
@@ -18,7 +18,7 @@ fn example() -> PathBuf {
     let path = deps.parent().unwrap().join("examples").join(format!("custom_runner{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.exists(),
-        "{} is missing: `cargo test --features runner` builds it, or `cargo build --example custom_runner --features runner`",
+        "{} is missing: `cargo test -p annal-runner` builds it, or `cargo build -p annal-runner --example custom_runner`",
         path.display()
     );
     path

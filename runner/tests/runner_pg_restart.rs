@@ -1,7 +1,7 @@
 //! `annal-runner` on PostgreSQL when the server restarts under it. A binary of its own: the
 //! restart cuts every connection, so nothing else may run beside it. Needs the throwaway server
 //! of `scripts/test`, which it restarts.
-#![cfg(feature = "runner")]
+#![cfg(feature = "postgres")]
 
 #[path = "support/runner_pg.rs"]
 mod support;

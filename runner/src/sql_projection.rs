@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 
 use annal_eventstore::{BoxError, Filter, RecordedEvent};
+use annal_projections::{Projection, Tx};
 use async_trait::async_trait;
-use sqlx::AssertSqlSafe;
 
-use super::config::{SqlProjectionConfig, Statement, compile};
-use crate::{Projection, Tx};
+use crate::compile::{Statement, compile};
+use crate::config::SqlProjectionConfig;
+use crate::{Error, Result};
 
 /// A projection made from configuration: event type → SQL statement with bound parameters.
 /// Values are always bound, never spliced into the SQL text.
@@ -26,18 +27,20 @@ impl SqlProjection {
     /// Compiles a configured projection.
     ///
     /// # Errors
-    /// A message naming the handler whose parameters are wrong.
-    pub fn new(config: &SqlProjectionConfig) -> Result<Self, String> {
+    /// [`Error::Handler`] naming the handler whose parameters are wrong.
+    pub fn new(config: &SqlProjectionConfig) -> Result<Self> {
         let compile_all = |placeholder| {
             config
                 .handlers
                 .iter()
                 .map(|(event_type, sql)| {
-                    compile(sql, placeholder)
-                        .map(|s| (event_type.clone(), s))
-                        .map_err(|e| format!("projection {:?}, handler {event_type:?}: {e}", config.name))
+                    compile(sql, placeholder).map(|s| (event_type.clone(), s)).map_err(|e| Error::Handler {
+                        projection: config.name.clone(),
+                        event_type: event_type.clone(),
+                        source: Box::new(e),
+                    })
                 })
-                .collect::<Result<HashMap<_, _>, String>>()
+                .collect::<Result<HashMap<_, _>>>()
         };
         Ok(SqlProjection {
             name: config.name.clone(),
@@ -79,11 +82,13 @@ impl Projection for SqlProjection {
     }
 
     async fn handle(&self, events: &[RecordedEvent], tx: &mut Tx<'_>) -> Result<(), BoxError> {
+        #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(unused_variables))]
         for event in events {
             match tx {
+                #[cfg(feature = "postgres")]
                 Tx::Postgres(conn) => {
                     let Some(statement) = self.postgres.get(&event.event_type) else { continue };
-                    let mut query = sqlx::query(AssertSqlSafe(statement.sql.clone()));
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(statement.sql.clone()));
                     for parameter in &statement.parameters {
                         query = match *parameter {
                             "recorded_at" => query.bind(event.recorded_at),
@@ -97,9 +102,10 @@ impl Projection for SqlProjection {
                     }
                     query.execute(&mut **conn).await?;
                 }
+                #[cfg(feature = "sqlite")]
                 Tx::Sqlite(conn) => {
                     let Some(statement) = self.sqlite.get(&event.event_type) else { continue };
-                    let mut query = sqlx::query(AssertSqlSafe(statement.sql.clone()));
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(statement.sql.clone()));
                     for parameter in &statement.parameters {
                         query = match *parameter {
                             "recorded_at" => query.bind(event.recorded_at.timestamp_micros()),
@@ -121,6 +127,7 @@ impl Projection for SqlProjection {
 }
 
 /// The text parameters.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 fn text(event: &RecordedEvent, parameter: &str) -> String {
     match parameter {
         "stream" => event.stream.to_string(),

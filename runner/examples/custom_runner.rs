@@ -2,21 +2,21 @@
 //! command line as `annal-runner` (run, status, rebuild, dead-letters, migrate, check).
 //!
 //! ```text
-//! cargo run --example custom_runner --features runner -- --config annal.toml run
+//! cargo run -p annal-runner --example custom_runner -- --config annal.toml run
 //! ```
 
 use std::sync::Arc;
 
-use annal::projections::{Delivery, Projection, Tx};
-use annal::{BoxError, Filter, RecordedEvent};
+use annal_eventstore::{BoxError, Filter, RecordedEvent};
+use annal_projections::{Dedup, Delivery, Projection, Tx};
 
 /// Sends a (pretend) welcome email for every opened account: an effect outside the database,
 /// so at-least-once, deduplicated by event id in memory.
 struct WelcomeMails {
-    sent: annal::projections::Dedup,
+    sent: Dedup,
 }
 
-#[annal::async_trait]
+#[async_trait::async_trait]
 impl Projection for WelcomeMails {
     fn name(&self) -> &str {
         "welcome_mails"
@@ -42,7 +42,6 @@ impl Projection for WelcomeMails {
 
 #[tokio::main]
 async fn main() {
-    let projections: Vec<Arc<dyn Projection>> =
-        vec![Arc::new(WelcomeMails { sent: annal::projections::Dedup::new(100_000) })];
-    std::process::exit(annal::projections::cli::main_with(projections).await);
+    let projections: Vec<Arc<dyn Projection>> = vec![Arc::new(WelcomeMails { sent: Dedup::new(100_000) })];
+    std::process::exit(annal_runner::main_with(projections).await);
 }

@@ -1,7 +1,7 @@
 //! The `annal-runner` binary as operators use it: bad configurations refused before anything
 //! runs, a declarative SQL projection run, inspected and stopped with SIGTERM, and kill -9
 //! mid-batch, over and over, without a single event lost or applied twice.
-#![cfg(feature = "runner")]
+#![cfg(feature = "sqlite")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -1,0 +1,223 @@
+//! The configuration file (TOML): its schema and the rules it is checked against.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::Deserialize;
+
+use annal_projections::validate_name;
+
+use crate::compile::compile;
+use crate::shadow::{SHADOW_SUFFIX, shadow_sql};
+use crate::{Error, Result};
+
+/// The configuration file (TOML).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `postgres://...` or `sqlite://path`.
+    pub database: String,
+    /// Where `/health` and `/metrics` are served (default `127.0.0.1:9187`).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// How long a partition lease lasts, in seconds (default 10).
+    #[serde(default = "default_lease")]
+    pub lease_seconds: f64,
+    /// The declarative SQL projections.
+    #[serde(default, rename = "projection")]
+    pub projections: Vec<SqlProjectionConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+
+fn default_lease() -> f64 {
+    10.0
+}
+
+/// One SQL projection: each event type maps to a parameterised statement.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlProjectionConfig {
+    /// The projection's name.
+    pub name: String,
+    /// Only streams of these categories (default: all).
+    #[serde(default)]
+    pub categories: Vec<String>,
+    /// Events per batch (default 100).
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Partitions (default 1).
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// Attempts per failing event before it is parked (default 7).
+    #[serde(default = "default_attempts")]
+    pub retry_attempts: u32,
+    /// The first pause between attempts, in milliseconds (default 100; it doubles, up to 60 s).
+    #[serde(default = "default_retry_ms")]
+    pub retry_initial_ms: u64,
+    /// Statements run once before the projection starts (create its tables).
+    #[serde(default)]
+    pub setup: Vec<String>,
+    /// Statements that empty the read model, run by `rebuild --in-place` with the checkpoint
+    /// reset.
+    #[serde(default)]
+    pub reset: Vec<String>,
+    /// The tables the projection owns. With them, `rebuild` builds the read model anew in
+    /// shadow tables (`<table>__rebuild`, made by the setup statements rewritten) while the live
+    /// one keeps serving, and swaps it in when it has caught up; without them, it rebuilds in
+    /// place.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Event type → statement, with named parameters such as `:stream_id` and `:data`.
+    pub handlers: BTreeMap<String, String>,
+}
+
+impl SqlProjectionConfig {
+    /// The same projection working on shadow copies of its tables, named with
+    /// [`SHADOW_SUFFIX`], for a rebuild that swaps them in when caught up; `None` if it
+    /// declares no tables.
+    pub fn shadow(&self) -> Option<SqlProjectionConfig> {
+        if self.tables.is_empty() {
+            return None;
+        }
+        let rewrite = |statements: &[String]| statements.iter().map(|s| shadow_sql(s, &self.tables)).collect();
+        Some(SqlProjectionConfig {
+            name: format!("{}{SHADOW_SUFFIX}", self.name),
+            setup: rewrite(&self.setup),
+            reset: rewrite(&self.reset),
+            handlers: self.handlers.iter().map(|(t, sql)| (t.clone(), shadow_sql(sql, &self.tables))).collect(),
+            tables: self.tables.iter().map(|t| format!("{t}{SHADOW_SUFFIX}")).collect(),
+            ..self.clone()
+        })
+    }
+
+    /// Statements that drop the shadow tables of a rebuild.
+    pub fn drop_shadow(&self) -> Vec<String> {
+        self.tables.iter().map(|t| format!("DROP TABLE IF EXISTS {t}{SHADOW_SUFFIX}")).collect()
+    }
+
+    /// Statements that put the shadow tables' rows in place of the live ones and drop the
+    /// shadow tables, in one transaction: readers see the old read model until it commits. On
+    /// PostgreSQL, the live tables are locked against writes first, so that a live batch in
+    /// flight commits before the swap or waits for it.
+    pub fn promotion(&self, postgres: bool) -> Vec<String> {
+        let mut statements = Vec::new();
+        if postgres {
+            statements.push(format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", self.tables.join(", ")));
+        }
+        for table in &self.tables {
+            statements.push(format!("DELETE FROM {table}"));
+            statements.push(format!("INSERT INTO {table} SELECT * FROM {table}{SHADOW_SUFFIX}"));
+        }
+        statements.extend(self.drop_shadow());
+        statements
+    }
+}
+
+/// Checks a table name: the rules of projection names, and room for [`SHADOW_SUFFIX`].
+fn validate_table(table: &str) -> Result<(), String> {
+    validate_name(table).map_err(|e| e.to_string().replace("projection name", "table name"))?;
+    if table.len() + SHADOW_SUFFIX.len() > 63 {
+        return Err(format!("table name {table:?} is too long: at most {} characters", 63 - SHADOW_SUFFIX.len()));
+    }
+    Ok(())
+}
+
+fn default_batch() -> usize {
+    100
+}
+
+fn default_partitions() -> u32 {
+    1
+}
+
+fn default_attempts() -> u32 {
+    7
+}
+
+fn default_retry_ms() -> u64 {
+    100
+}
+
+impl Config {
+    /// Reads and checks a configuration: names, duplicates, parameters. (The SQL itself is
+    /// checked against the database by `annal-runner check` and before `run`.)
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a file that is not valid TOML of this schema or breaks a rule,
+    /// [`Error::Projections`] for an invalid projection name, [`Error::Handler`] for a handler
+    /// with an unknown parameter.
+    pub fn parse(text: &str) -> Result<Self> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let mut names = HashSet::new();
+        for projection in &config.projections {
+            validate_name(&projection.name)?;
+            if !names.insert(projection.name.as_str()) {
+                return Err(Error::Config(format!("two projections are named {:?}", projection.name)));
+            }
+            if projection.handlers.is_empty() {
+                return Err(Error::Config(format!("projection {:?} has no handlers", projection.name)));
+            }
+            if projection.name.ends_with(SHADOW_SUFFIX) {
+                return Err(Error::Config(format!(
+                    "projection {:?}: names ending in {SHADOW_SUFFIX} are for rebuilds",
+                    projection.name
+                )));
+            }
+            if !projection.tables.is_empty() && projection.name.len() + SHADOW_SUFFIX.len() > 63 {
+                return Err(Error::Config(format!(
+                    "projection {:?}: with tables, a name has at most {} characters (a rebuild adds {SHADOW_SUFFIX})",
+                    projection.name,
+                    63 - SHADOW_SUFFIX.len()
+                )));
+            }
+            let mut tables = HashSet::new();
+            for table in &projection.tables {
+                validate_table(table).map_err(|e| Error::Config(format!("projection {:?}: {e}", projection.name)))?;
+                if !tables.insert(table) {
+                    return Err(Error::Config(format!("projection {:?} lists table {table:?} twice", projection.name)));
+                }
+            }
+            if projection.partitions == 0 {
+                return Err(Error::Config(format!("projection {:?}: partitions must be at least 1", projection.name)));
+            }
+            for (event_type, sql) in &projection.handlers {
+                compile(sql, '$').map_err(|e| Error::Handler {
+                    projection: projection.name.clone(),
+                    event_type: event_type.clone(),
+                    source: Box::new(e),
+                })?;
+            }
+        }
+        if !config.database.starts_with("postgres") && !config.database.starts_with("sqlite:") {
+            return Err(Error::Config(format!("database {:?}: use a postgres:// or sqlite:// URL", config.database)));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_configs_are_refused_with_a_reason() {
+        let ok = "database = 'sqlite://x.db'\n[[projection]]\nname = 'a'\nhandlers = { E = 'SELECT :data' }\n";
+        assert!(Config::parse(ok).is_ok());
+        let cases = [
+            (ok.replace("name = 'a'", "name = 'a'\ncolour = 'red'"), "unknown field"),
+            (format!("{ok}[[projection]]\nname = 'a'\nhandlers = {{ E = 'SELECT 1' }}\n"), "two projections"),
+            (ok.replace("name = 'a'", "name = 'Robert; DROP TABLE'"), "invalid projection name"),
+            (ok.replace(":data", ":dta"), "unknown parameter :dta"),
+            (ok.replace("sqlite://x.db", "mysql://x"), "postgres:// or sqlite://"),
+            (ok.replace("name = 'a'", "name = 'a'\ntables = ['t', 't']"), "lists table \"t\" twice"),
+            (ok.replace("name = 'a'", "name = 'a'\ntables = ['t; DROP']"), "invalid table name"),
+            (ok.replace("name = 'a'", "name = 'a__rebuild'"), "are for rebuilds"),
+        ];
+        for (text, expected) in cases {
+            let err = Config::parse(&text).unwrap_err().report();
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+    }
+}

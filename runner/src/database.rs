@@ -1,0 +1,127 @@
+//! The database the runner works on: one of the backends it was built with, chosen by the URL.
+// Built without a backend, the runner can only refuse every URL.
+#![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(unreachable_code, unused_variables))]
+
+use std::sync::Arc;
+
+use annal_eventstore::EventStore;
+use annal_projections::{Projection, ProjectionStore};
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+use sqlx::{AssertSqlSafe, Executor, SqlSafeStr};
+
+use crate::{Error, Result, SqlProjection};
+
+/// The event store and projection store of one database.
+pub(crate) enum Database {
+    #[cfg(feature = "postgres")]
+    Postgres(annal_eventstore::PgEventStore),
+    #[cfg(feature = "sqlite")]
+    Sqlite(annal_eventstore::SqliteEventStore),
+}
+
+/// Runs `$body` with `$store` bound to the backend's event store, `$pool` to the pool that
+/// writes, `$statements` to the SQL projection's statements in the backend's spelling and `$begin`
+/// to the backend's BEGIN.
+macro_rules! each_backend {
+    ($database:expr, |$store:ident, $pool:ident, $statements:ident, $begin:ident| $body:expr) => {
+        match *$database {
+            #[cfg(feature = "postgres")]
+            Database::Postgres(ref $store) => {
+                #[allow(unused_variables)]
+                let ($pool, $begin, $statements) = ($store.pool(), "BEGIN", SqlProjection::postgres_statements);
+                $body
+            }
+            #[cfg(feature = "sqlite")]
+            Database::Sqlite(ref $store) => {
+                #[allow(unused_variables)]
+                let ($pool, $begin, $statements) =
+                    ($store.writer(), "BEGIN IMMEDIATE", SqlProjection::sqlite_statements);
+                $body
+            }
+        }
+    };
+}
+
+impl Database {
+    pub(crate) async fn connect(url: &str) -> Result<Self> {
+        #[cfg(feature = "postgres")]
+        if url.starts_with("postgres") {
+            return Ok(Database::Postgres(annal_eventstore::PgEventStore::connect(url).await?));
+        }
+        #[cfg(feature = "sqlite")]
+        if url.starts_with("sqlite:") {
+            return Ok(Database::Sqlite(annal_eventstore::SqliteEventStore::connect(url).await?));
+        }
+        Err(Error::UnsupportedDatabase(url.to_owned()))
+    }
+
+    /// Whether this is PostgreSQL (whose shadow-table swap locks the live tables first).
+    pub(crate) fn is_postgres(&self) -> bool {
+        match *self {
+            #[cfg(feature = "postgres")]
+            Database::Postgres(_) => true,
+            #[cfg(feature = "sqlite")]
+            Database::Sqlite(_) => false,
+        }
+    }
+
+    pub(crate) fn events(&self) -> Arc<dyn EventStore> {
+        let events: Arc<dyn EventStore> = each_backend!(self, |store, pool, statements, begin| Arc::new(store.clone()));
+        events
+    }
+
+    pub(crate) async fn projection_store(&self) -> Result<Arc<dyn ProjectionStore>> {
+        Ok(match *self {
+            #[cfg(feature = "postgres")]
+            Database::Postgres(ref store) => Arc::new(annal_projections::PgProjectionStore::new(store).await?),
+            #[cfg(feature = "sqlite")]
+            Database::Sqlite(ref store) => Arc::new(annal_projections::SqliteProjectionStore::new(store).await?),
+        })
+    }
+
+    /// Runs statements in one transaction, committing only if `commit`.
+    pub(crate) async fn execute(&self, statements: &[String], commit: bool) -> Result<()> {
+        each_backend!(self, |store, pool, handlers, begin| {
+            let mut tx = pool.begin().await?;
+            for statement in statements {
+                sqlx::raw_sql(AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
+            }
+            if commit { tx.commit().await? } else { tx.rollback().await? }
+        });
+        Ok(())
+    }
+
+    /// Runs the `setup` statements, then prepares every handler statement: invalid SQL, or SQL
+    /// naming a table that does not exist, is found here, before anything runs.
+    pub(crate) async fn check(&self, setup: &[String], projections: &[SqlProjection], commit: bool) -> Result<()> {
+        each_backend!(self, |store, pool, handlers, begin| {
+            let mut tx = pool.begin_with(begin).await?;
+            // Serialised between runners starting together: concurrent `CREATE TABLE IF NOT
+            // EXISTS` can fail on PostgreSQL.
+            if self.is_postgres() {
+                sqlx::query("SELECT pg_advisory_xact_lock(7046716111)").execute(&mut *tx).await?;
+            }
+            for statement in setup {
+                sqlx::raw_sql(AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
+            }
+            for projection in projections {
+                for (event_type, statement) in handlers(projection) {
+                    tx.prepare(AssertSqlSafe(statement.sql.clone()).into_sql_str()).await.map_err(|e| {
+                        Error::Handler {
+                            projection: projection.name().to_owned(),
+                            event_type: event_type.clone(),
+                            source: Box::new(e),
+                        }
+                    })?;
+                }
+            }
+            if commit { tx.commit().await? } else { tx.rollback().await? }
+        });
+        Ok(())
+    }
+}
+
+/// The projection named `name` among `projections`.
+pub(crate) fn find(projections: &[Arc<dyn Projection>], name: &str) -> Result<Arc<dyn Projection>> {
+    projections.iter().find(|p| p.name() == name).cloned().ok_or_else(|| Error::UnknownProjection(name.to_owned()))
+}

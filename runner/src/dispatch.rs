@@ -1,0 +1,81 @@
+//! From a parsed command line to the command's work.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use annal_projections::{Projection, ProjectionRunner, WorkerOptions};
+
+use crate::args::{Cli, Command};
+use crate::config::Config;
+use crate::database::{Database, find};
+use crate::{Error, Result, SqlProjection};
+
+/// Runs one parsed command line.
+pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()> {
+    let text = std::fs::read_to_string(&cli.config)
+        .map_err(|source| Error::ReadConfig { path: cli.config.clone(), source })?;
+    let config = Config::parse(&text)
+        .map_err(|source| Error::ConfigFile { path: cli.config.clone(), source: Box::new(source) })?;
+    let sql: Vec<SqlProjection> = config.projections.iter().map(SqlProjection::new).collect::<Result<_>>()?;
+    let setup: Vec<String> = config.projections.iter().flat_map(|p| p.setup.clone()).collect();
+    let mut projections: Vec<Arc<dyn Projection>> = Vec::new();
+    let database = Database::connect(&config.database).await?;
+    let store = database.projection_store().await?;
+    match cli.command {
+        Command::Check => {
+            database.check(&setup, &sql, false).await?;
+            println!("configuration and SQL are valid: {} projection(s)", config.projections.len());
+        }
+        Command::Migrate => {
+            database.check(&setup, &sql, true).await?;
+            println!("tables are up to date");
+        }
+        Command::Run => {
+            database.check(&setup, &sql, true).await?;
+            projections.extend(sql.into_iter().map(|p| Arc::new(p) as Arc<dyn Projection>));
+            projections.extend(extra);
+            let mut runner = ProjectionRunner::new(database.events(), store.clone())
+                .lease(Duration::from_secs_f64(config.lease_seconds.max(0.1)));
+            for projection in &projections {
+                runner = runner.with(projection.clone(), options_for(&config, projection.name()))?;
+            }
+            let running = Arc::new(runner.start());
+            let names: Vec<String> = projections.iter().map(|p| p.name().to_owned()).collect();
+            crate::serve::serve(&config.listen, running.clone(), names).await?;
+            let running = Arc::try_unwrap(running).map_err(|_| Error::StillServing)?;
+            running.shutdown().await?;
+        }
+        Command::Status => crate::status::status(&database, &*store, &config, &extra).await?,
+        Command::Rebuild { name, in_place } => {
+            let configured = config.projections.iter().find(|p| p.name == name);
+            match configured.and_then(|p| Some((p, p.shadow()?))) {
+                Some((live, shadow)) if !in_place => {
+                    crate::rebuild::rebuild_in_shadow(&database, store, &config, live, &shadow).await?
+                }
+                _ => {
+                    let projections = sql.into_iter().map(|p| Arc::new(p) as _).chain(extra).collect::<Vec<_>>();
+                    crate::rebuild::rebuild_in_place(&database, store, &config, find(&projections, &name)?).await?;
+                }
+            }
+        }
+        Command::DeadLetters { action } => {
+            crate::dead_letters::dead_letters(
+                &database,
+                &*store,
+                sql.into_iter().map(|p| Arc::new(p) as _).chain(extra).collect(),
+                action,
+            )
+            .await?
+        }
+    }
+    Ok(())
+}
+
+/// The worker options a configured projection asks for (defaults for Rust projections).
+pub(crate) fn options_for(config: &Config, name: &str) -> WorkerOptions {
+    let Some(p) = config.projections.iter().find(|p| p.name == name) else { return WorkerOptions::default() };
+    let retry = annal_projections::RetryPolicy::default()
+        .attempts(p.retry_attempts)
+        .initial(Duration::from_millis(p.retry_initial_ms));
+    WorkerOptions::default().retry(retry)
+}

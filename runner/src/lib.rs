@@ -1,0 +1,77 @@
+//! `annal-runner`: runs Annal projections and lets operators inspect and control them, as a
+//! binary and as a library to build your own runner binary with Rust projections beside the
+//! configured SQL ones, with the same commands.
+//!
+//! ```no_run
+//! # async fn example() {
+//! // src/main.rs of your own runner:
+//! let rust_projections = vec![/* Arc<dyn Projection> */];
+//! std::process::exit(annal_runner::main_with(rust_projections).await);
+//! # }
+//! ```
+//!
+//! | feature    | default | databases                         |
+//! |------------|---------|-----------------------------------|
+//! | `sqlite`   | yes     | `sqlite://` URLs, SQLite built in |
+//! | `postgres` |         | `postgres://` URLs                |
+//!
+//! Running it in production: `docs/runner.md`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod args;
+mod compile;
+mod config;
+mod database;
+mod dead_letters;
+mod dispatch;
+mod error;
+mod lexer;
+mod metrics;
+mod rebuild;
+mod serve;
+mod shadow;
+mod sql_projection;
+mod status;
+
+use std::sync::Arc;
+
+use annal_projections::Projection;
+use clap::Parser;
+
+#[doc(inline)]
+pub use crate::args::{Cli, Command, DeadLetterAction, LogFormat};
+#[doc(inline)]
+pub use crate::compile::{PARAMETERS, Statement, compile};
+#[doc(inline)]
+pub use crate::config::{Config, SqlProjectionConfig};
+pub(crate) use crate::dispatch::options_for;
+#[doc(inline)]
+pub use crate::error::{Error, Result};
+#[doc(inline)]
+pub use crate::shadow::{SHADOW_SUFFIX, shadow_sql};
+#[doc(inline)]
+pub use crate::sql_projection::SqlProjection;
+
+/// Runs the command line with `extra` Rust projections beside the configured SQL ones, and
+/// returns the process exit code.
+pub async fn main_with(extra: Vec<Arc<dyn Projection>>) -> i32 {
+    let cli = Cli::parse();
+    init_logs(cli.log);
+    match dispatch::run(cli, extra).await {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("annal-runner: {}", error.report());
+            1
+        }
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

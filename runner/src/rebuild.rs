@@ -1,0 +1,99 @@
+//! `rebuild`: replay a projection from the first event, in place or into shadow tables swapped in
+//! when caught up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use annal_projections::{Projection, ProjectionRunner, ProjectionStore};
+
+use crate::config::{Config, SqlProjectionConfig};
+use crate::database::Database;
+use crate::{Result, SqlProjection, options_for};
+
+/// Empties the read model (the `reset` statements) and the checkpoints, then replays.
+pub(crate) async fn rebuild_in_place(
+    database: &Database,
+    store: Arc<dyn ProjectionStore>,
+    config: &Config,
+    projection: Arc<dyn Projection>,
+) -> Result<()> {
+    let name = projection.name().to_owned();
+    let reset = config.projections.iter().find(|p| p.name == name).map(|p| p.reset.clone()).unwrap_or_default();
+    database.execute(&reset, true).await?;
+    store.reset(&name).await?;
+    let total = replay(database, store, config, projection, &name).await?;
+    println!("rebuilt {name} in place: {total} events replayed");
+    Ok(())
+}
+
+/// Builds the read model anew in shadow tables while the live one keeps serving (and its
+/// projection keeps running in other runners), then swaps it in: one transaction copies the
+/// shadow rows over the live ones, drops the shadow tables and gives the shadow's checkpoints to
+/// the live projection. Resumes from the shadow's checkpoint if a previous rebuild stopped.
+pub(crate) async fn rebuild_in_shadow(
+    database: &Database,
+    store: Arc<dyn ProjectionStore>,
+    config: &Config,
+    live: &SqlProjectionConfig,
+    shadow: &SqlProjectionConfig,
+) -> Result<()> {
+    if has_checkpoints(&*store, &shadow.name, shadow.partitions).await? {
+        println!("resuming the rebuild of {} in its shadow tables", live.name);
+    } else {
+        database.execute(&live.drop_shadow(), true).await?;
+        store.reset(&shadow.name).await?;
+    }
+    let projection = SqlProjection::new(shadow)?;
+    database.check(&shadow.setup, std::slice::from_ref(&projection), true).await?;
+    let total = replay(database, store.clone(), config, Arc::new(projection), &live.name).await?;
+    store.promote(&shadow.name, &live.name, &live.promotion(database.is_postgres())).await?;
+    println!("rebuilt {} in shadow tables and swapped them in: {total} events replayed", live.name);
+    Ok(())
+}
+
+/// Whether projection `name` has moved the checkpoint of any of its `partitions`.
+pub(crate) async fn has_checkpoints(store: &dyn ProjectionStore, name: &str, partitions: u32) -> Result<bool> {
+    for partition in 0..partitions.max(1) {
+        if store.checkpoint(name, partition).await?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Runs `projection` alone until it reaches the head as it was when the replay started,
+/// showing progress; returns how many events that was. `options_of` names the configured
+/// projection whose retry settings apply.
+async fn replay(
+    database: &Database,
+    store: Arc<dyn ProjectionStore>,
+    config: &Config,
+    projection: Arc<dyn Projection>,
+    options_of: &str,
+) -> Result<u64> {
+    let name = projection.name().to_owned();
+    let filter = projection.filter();
+    let events = database.events();
+    let head = events.head().await?;
+    let total = events.count(annal_eventstore::Position::START, head, &filter).await?;
+    let running = ProjectionRunner::new(events.clone(), store)
+        .lease(Duration::from_secs_f64(config.lease_seconds.max(0.1)))
+        .with(projection, options_for(config, options_of))?
+        .start();
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        let checkpoint = running.checkpoint(&name).await?;
+        bar.set_position(total - events.count(checkpoint, head, &filter).await?.min(total));
+        if checkpoint >= head || !running.is_running(&name)? {
+            break;
+        }
+        let _ = running.wait_for(&name, head, Duration::from_millis(250)).await;
+    }
+    bar.finish();
+    running.shutdown().await?;
+    Ok(total)
+}
