@@ -22,10 +22,12 @@ mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod projection;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod queries;
 mod retry;
 mod runner;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
-mod sql;
+mod sql_store;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod store;

@@ -1,6 +1,6 @@
-//! SQL shared by the PostgreSQL and SQLite projection stores, written with `$n` placeholders
-//! (SQLite reads them as `?n`). Timestamps are bound by the caller: `timestamptz` on
-//! PostgreSQL, microseconds since the epoch on SQLite.
+//! The queries shared by the PostgreSQL and SQLite projection stores, written with `$n`
+//! placeholders (SQLite reads them as `?n`). Timestamps are bound by the caller: `timestamptz`
+//! on PostgreSQL, microseconds since the epoch on SQLite.
 
 /// Moves a checkpoint that exists and is at `from` ($5, $6) to `to` ($3, $4), if the writer
 /// still holds the partition's lease (owner $9, token $10), or writes without one ($9 null).
@@ -50,17 +50,3 @@ pub(crate) const PROMOTE_CHECKPOINTS: &str = "UPDATE annal_checkpoints SET proje
 
 /// Gives projection $1's dead letters to projection $2 (whose own are deleted first).
 pub(crate) const PROMOTE_DEAD_LETTERS: &str = "UPDATE annal_dead_letters SET projection = $2 WHERE projection = $1";
-
-/// The SQLite spelling of a query.
-#[cfg(feature = "sqlite")]
-pub(crate) fn sqlite(sql: &'static str) -> sqlx::AssertSqlSafe<String> {
-    sqlx::AssertSqlSafe(sql.replace('$', "?"))
-}
-
-pub(crate) fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or_default()
-}

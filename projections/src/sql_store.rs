@@ -1,0 +1,286 @@
+//! The projection-store algorithm of the SQL backends, written once: guarded checkpoint moves,
+//! the handler run in the transaction that moves the checkpoint, parking, dead letters, resets
+//! and promotions. Each backend supplies only what differs: its connection and row types, its
+//! BEGIN, the spelling of placeholders, how partitions and timestamps are stored, and the
+//! statements that read the database's clock (leases, runners), which it writes itself.
+//!
+//! Why a macro rather than generic functions over a dialect trait: generic sqlx code needs a
+//! bound for every type bound or read (`for<'q> i64: Encode<'q, DB> + Type<DB>`, the same for
+//! `&str`, `Option<&str>`, `Uuid`, the timestamp type, `Executor` for the connection, `IntoArguments`
+//! for the arguments), repeated on every function: some forty lines of bounds that say nothing
+//! about the algorithm. The macro keeps the algorithm in plain, concrete sqlx calls; each
+//! expansion is type-checked against its backend.
+
+/// A number to bind; values past `i64::MAX` (never reached by versions, positions or tokens)
+/// saturate.
+pub(crate) fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// A stored non-negative number; a negative one (never written) reads as 0.
+pub(crate) fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or_default()
+}
+
+/// Implements [`crate::ProjectionStore`] for `$store` (a struct with a `pool` field), with:
+/// - `connection`, `row`: the backend's sqlx connection and row types;
+/// - `tx`: the [`crate::Tx`] variant handlers get;
+/// - `begin`: the statement that opens a write transaction;
+/// - `sql`: a function giving a query of [`crate::queries`] in the backend's spelling;
+/// - `int`: the integer type of partitions and attempts;
+/// - `time`: the stored timestamp type, with `to_time` and `from_time` to convert;
+/// - `clock { ... }`: the backend's own `acquire_lease`, `renew_lease`, `release_lease` and
+///   `register_runner`, which use the database's clock where it has one.
+macro_rules! sql_projection_store {
+    (
+        store: $store:ty,
+        connection: $conn:ty,
+        row: $row:ty,
+        tx: $tx:ident,
+        begin: $begin:tt,
+        sql: $sql:ident,
+        int: $int:ident,
+        time: $time:ty, to_time: $to_time:ident, from_time: $from_time:ident,
+        clock { $($clock:tt)* }
+    ) => {
+        /// Moves a checkpoint on `conn` (creating it on the first move from the start), fenced.
+        async fn advance_on(
+            conn: &mut $conn,
+            projection: &str,
+            partition: u32,
+            from: Position,
+            to: Position,
+            last: Option<DateTime<Utc>>,
+            fence: Option<&Fence>,
+        ) -> Result<bool> {
+            let (owner, token) = (fence.map(|f| f.owner.as_str()), fence.map(|f| to_i64(f.token)));
+            let now = $to_time(Utc::now());
+            let last = last.map($to_time);
+            let partition = $int::try_from(partition).unwrap_or($int::MAX);
+            let updated = sqlx::query($sql(queries::ADVANCE))
+                .bind(projection)
+                .bind(partition)
+                .bind(to_i64(to.transaction()))
+                .bind(to_i64(to.sequence()))
+                .bind(to_i64(from.transaction()))
+                .bind(to_i64(from.sequence()))
+                .bind(now)
+                .bind(last)
+                .bind(owner)
+                .bind(token)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            if updated == 1 || from != Position::START {
+                return Ok(updated == 1);
+            }
+            let created = sqlx::query($sql(queries::CREATE))
+                .bind(projection)
+                .bind(partition)
+                .bind(to_i64(to.transaction()))
+                .bind(to_i64(to.sequence()))
+                .bind(now)
+                .bind(last)
+                .bind(owner)
+                .bind(token)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            Ok(created == 1)
+        }
+
+        fn dead_letter(row: &$row) -> Result<DeadLetter> {
+            let stream: String = row.try_get("stream")?;
+            Ok(DeadLetter {
+                id: row.try_get("id")?,
+                projection: row.try_get("projection")?,
+                partition: u32::try_from(row.try_get::<$int, _>("partition")?).unwrap_or_default(),
+                event_id: row.try_get("event_id")?,
+                stream: StreamName::new(&stream)?,
+                version: to_u64(row.try_get("version")?),
+                position: Position::new(to_u64(row.try_get("position_tx")?), to_u64(row.try_get("position_seq")?)),
+                error: row.try_get("error")?,
+                attempts: u32::try_from(row.try_get::<$int, _>("attempts")?).unwrap_or_default(),
+                parked_at: $from_time(row.try_get::<$time, _>("parked_at")?),
+            })
+        }
+
+        #[async_trait]
+        impl ProjectionStore for $store {
+            async fn checkpoint(&self, projection: &str, partition: u32) -> Result<Option<Checkpoint>> {
+                let row = sqlx::query($sql(queries::CHECKPOINT))
+                    .bind(projection)
+                    .bind($int::try_from(partition).unwrap_or($int::MAX))
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|row| {
+                    Ok(Checkpoint {
+                        position: Position::new(to_u64(row.try_get(0)?), to_u64(row.try_get(1)?)),
+                        updated_at: $from_time(row.try_get::<$time, _>(2)?),
+                        last_recorded_at: row.try_get::<Option<$time>, _>(3)?.map($from_time),
+                        latency_p99: row.try_get::<Option<i64>, _>(4)?.map(|us| Duration::from_micros(to_u64(us))),
+                    })
+                })
+                .transpose()
+            }
+
+            async fn advance(
+                &self,
+                projection: &str,
+                partition: u32,
+                from: Position,
+                to: Position,
+                last_recorded_at: Option<DateTime<Utc>>,
+                fence: Option<&Fence>,
+            ) -> Result<bool> {
+                let mut conn = self.pool.acquire().await?;
+                advance_on(&mut conn, projection, partition, from, to, last_recorded_at, fence).await
+            }
+
+            async fn apply(
+                &self,
+                projection: &dyn Projection,
+                partition: u32,
+                from: Position,
+                to: Position,
+                events: &[RecordedEvent],
+                fence: Option<&Fence>,
+            ) -> Result<Applied> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                // The checkpoint moves first: a second worker on this partition waits for this
+                // transaction (a row lock on PostgreSQL, the one writer on SQLite), then finds the
+                // checkpoint moved and applies nothing.
+                let last = events.last().map(|e| e.recorded_at);
+                if !advance_on(&mut tx, projection.name(), partition, from, to, last, fence).await? {
+                    return Ok(Applied::Moved);
+                }
+                if let Err(error) = projection.handle(events, &mut Tx::$tx(&mut tx)).await {
+                    tx.rollback().await?;
+                    return Ok(Applied::Failed(error));
+                }
+                tx.commit().await?;
+                Ok(Applied::Committed)
+            }
+
+            async fn park(
+                &self,
+                projection: &str,
+                partition: u32,
+                from: Position,
+                park: Park<'_>,
+                fence: Option<&Fence>,
+            ) -> Result<bool> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let event = park.event;
+                if !advance_on(&mut tx, projection, partition, from, event.position, None, fence).await? {
+                    return Ok(false);
+                }
+                sqlx::query($sql(queries::PARK))
+                    .bind(projection)
+                    .bind($int::try_from(partition).unwrap_or($int::MAX))
+                    .bind(event.id)
+                    .bind(event.stream.as_str())
+                    .bind(to_i64(event.version))
+                    .bind(to_i64(event.position.transaction()))
+                    .bind(to_i64(event.position.sequence()))
+                    .bind(park.error)
+                    .bind($int::try_from(park.attempts).unwrap_or($int::MAX))
+                    .bind($to_time(Utc::now()))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn dead_letters(&self, projection: &str) -> Result<Vec<DeadLetter>> {
+                let rows = sqlx::query($sql(queries::DEAD_LETTERS)).bind(projection).fetch_all(&self.pool).await?;
+                rows.iter().map(dead_letter).collect()
+            }
+
+            async fn apply_dead_letter(
+                &self,
+                projection: &dyn Projection,
+                id: i64,
+                event: &RecordedEvent,
+            ) -> Result<Applied> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let removed = sqlx::query($sql(queries::REMOVE_DEAD_LETTER))
+                    .bind(projection.name())
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if removed == 0 {
+                    return Ok(Applied::Moved);
+                }
+                if let Err(error) = projection.handle(std::slice::from_ref(event), &mut Tx::$tx(&mut tx)).await {
+                    tx.rollback().await?;
+                    return Ok(Applied::Failed(error));
+                }
+                tx.commit().await?;
+                Ok(Applied::Committed)
+            }
+
+            async fn remove_dead_letter(&self, projection: &str, id: i64) -> Result<bool> {
+                let removed =
+                    sqlx::query($sql(queries::REMOVE_DEAD_LETTER)).bind(projection).bind(id).execute(&self.pool).await?;
+                Ok(removed.rows_affected() == 1)
+            }
+
+            async fn record_latency(&self, projection: &str, partition: u32, p99: Duration) -> Result<()> {
+                sqlx::query($sql(queries::LATENCY))
+                    .bind(projection)
+                    .bind($int::try_from(partition).unwrap_or($int::MAX))
+                    .bind(i64::try_from(p99.as_micros()).unwrap_or(i64::MAX))
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn leases(&self, projection: &str) -> Result<Vec<Lease>> {
+                let rows = sqlx::query($sql(queries::LEASES)).bind(projection).fetch_all(&self.pool).await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(Lease {
+                            partition: u32::try_from(row.try_get::<$int, _>(0)?).unwrap_or_default(),
+                            owner: row.try_get(1)?,
+                            token: to_u64(row.try_get(2)?),
+                            expires_at: $from_time(row.try_get::<$time, _>(3)?),
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn deregister_runner(&self, projection: &str, owner: &str) -> Result<()> {
+                sqlx::query($sql(queries::DEREGISTER)).bind(projection).bind(owner).execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn reset(&self, projection: &str) -> Result<()> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                sqlx::query($sql(queries::RESET_CHECKPOINTS)).bind(projection).execute(&mut *tx).await?;
+                sqlx::query($sql(queries::RESET_DEAD_LETTERS)).bind(projection).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn promote(&self, shadow: &str, live: &str, statements: &[String]) -> Result<()> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                for statement in statements {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
+                }
+                sqlx::query($sql(queries::RESET_CHECKPOINTS)).bind(live).execute(&mut *tx).await?;
+                sqlx::query($sql(queries::PROMOTE_CHECKPOINTS)).bind(shadow).bind(live).execute(&mut *tx).await?;
+                sqlx::query($sql(queries::RESET_DEAD_LETTERS)).bind(live).execute(&mut *tx).await?;
+                sqlx::query($sql(queries::PROMOTE_DEAD_LETTERS)).bind(shadow).bind(live).execute(&mut *tx).await?;
+                sqlx::query($sql(queries::RESET_LEASES)).bind(shadow).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            $($clock)*
+        }
+    };
+}
+
+pub(crate) use sql_projection_store;
