@@ -203,6 +203,57 @@ async fn an_open_writing_transaction_holds_subscribers_back_until_it_ends() {
     assert_eq!(next_within(&mut sub).await.position, written.position());
 }
 
+/// A projection worker follows the log through the same follower as a subscription: held back by
+/// an open transaction that took an id but appends nothing (whose end sends no wake-up), it
+/// re-polls quickly and resumes within milliseconds of the end, not after its poll interval.
+#[cfg(feature = "projections")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_held_back_by_an_open_transaction_resumes_within_milliseconds_after_it_ends() {
+    use annal::projections::{Delivery, MemoryProjectionStore, Projection, ProjectionRunner, Tx, WorkerOptions};
+
+    struct Counter(AtomicUsize);
+
+    #[annal::async_trait]
+    impl Projection for Counter {
+        fn name(&self) -> &str {
+            "counter"
+        }
+        fn delivery(&self) -> Delivery {
+            Delivery::AtLeastOnce
+        }
+        async fn handle(&self, events: &[RecordedEvent], _tx: &mut Tx<'_>) -> Result<(), annal::BoxError> {
+            self.0.fetch_add(events.len(), Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    let store = store(5).await;
+    let mut options = WorkerOptions::default();
+    // Far longer than the test's patience for the resumption below: only a quick re-poll can
+    // deliver the event in time.
+    options.poll_interval = Duration::from_secs(60);
+    let counter = Arc::new(Counter(AtomicUsize::new(0)));
+    let running = ProjectionRunner::new(Arc::new(store.clone()), Arc::new(MemoryProjectionStore::new()))
+        .with(counter.clone(), options)
+        .unwrap()
+        .start();
+    let mut holder = connect().await;
+    sqlx::raw_sql("BEGIN; SELECT pg_current_xact_id();").execute(&mut holder).await.unwrap();
+    let written = store
+        .append(&StreamName::new("a-1").unwrap(), ExpectedVersion::Any, vec![NewEvent::new("E", json!({}))])
+        .await
+        .unwrap();
+    // Held back while the transaction is open.
+    assert!(running.wait_for("counter", written.position(), Duration::from_millis(100)).await.is_err());
+    sqlx::raw_sql("COMMIT").execute(&mut holder).await.unwrap();
+    let ended = std::time::Instant::now();
+    running.wait_for("counter", written.position(), Duration::from_secs(5)).await.unwrap();
+    let resumed = ended.elapsed();
+    assert!(resumed < Duration::from_secs(1), "resumed {resumed:?} after the transaction ended");
+    assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+    running.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn idle_in_transaction_session_timeout_bounds_the_stall() {
     let store = store(5).await;

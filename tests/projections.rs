@@ -214,6 +214,7 @@ backends!(
     selective_projections_keep_their_checkpoint_moving,
     stop_policy_stops_and_a_restart_resumes,
     lag_is_exact_partition_by_partition,
+    many_projections_each_apply_exactly_their_events,
 );
 
 fn quick_retries() -> WorkerOptions {
@@ -675,4 +676,51 @@ async fn dedup_records_are_kept_then_pruned(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(dedup.prune("mailer", Duration::from_millis(1)).await.unwrap(), 1);
     assert!(!dedup.is_recorded("mailer", id).await.unwrap());
+}
+
+/// The fan-out case of the subscription conformance suite, for projections: many projections in
+/// one process follow the same log through the shared follower, some catching up and some at
+/// the head while writers append, and each applies exactly the events its filter selects.
+async fn many_projections_each_apply_exactly_their_events(backend: Backend) {
+    const NAMES: [&str; 10] = ["fan0", "fan1", "fan2", "fan3", "fan4", "fan5", "fan6", "fan7", "fan8", "fan9"];
+    let filters = [
+        Filter::all(),
+        Filter::categories(["fan"]),
+        Filter::event_types(["Happened"]),
+        Filter::categories(["out"]),
+        Filter::categories(["nothing"]),
+    ];
+    append(&*backend.events, "fan", 5, 20).await;
+    let ledgers: Vec<Arc<Ledger>> = NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Arc::new(Ledger { filter: filters[i % filters.len()].clone(), ..Ledger::new(name) }))
+        .collect();
+    let mut runner = ProjectionRunner::new(backend.events.clone(), backend.store.clone());
+    for ledger in &ledgers {
+        runner = runner.with(ledger.clone(), quick_retries()).unwrap();
+    }
+    let running = runner.start();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let events = backend.events.clone();
+            tokio::spawn(async move { append(&*events, if w % 2 == 0 { "fan" } else { "out" }, 9, 50).await })
+        })
+        .collect();
+    let mut last = Position::START;
+    for writer in writers {
+        last = last.max(writer.await.unwrap().1);
+    }
+    running.wait_for(NAMES[0], last, PATIENCE).await.unwrap();
+    let mut log = Vec::new();
+    while log.last().map_or(Position::START, |e: &RecordedEvent| e.position) < last {
+        let from = log.last().map_or(Position::START, |e| e.position);
+        log.extend(backend.events.read_all_page(from, &Filter::all(), 100).await.unwrap().events);
+    }
+    for ledger in &ledgers {
+        running.wait_for(ledger.name, last, PATIENCE).await.unwrap();
+        let expected: HashSet<Uuid> = log.iter().filter(|e| ledger.filter.matches(e)).map(|e| e.id).collect();
+        assert_eq!(backend.ledger(ledger).await, expected, "projection {}", ledger.name);
+    }
+    running.shutdown().await.unwrap();
 }

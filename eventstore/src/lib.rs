@@ -42,6 +42,7 @@ mod append;
 mod error;
 mod event;
 mod filter;
+mod follower;
 mod memory;
 mod position;
 #[doc(hidden)]
@@ -52,7 +53,9 @@ mod private;
 mod store;
 mod stream;
 mod subscription;
+mod tail;
 mod version;
+mod wakeup;
 
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -73,6 +76,8 @@ pub use crate::event::{DEFAULT_MAX_EVENT_SIZE, MAX_EVENT_TYPE_LEN, Metadata, New
 #[doc(inline)]
 pub use crate::filter::{Filter, partition_of};
 #[doc(inline)]
+pub use crate::follower::Follower;
+#[doc(inline)]
 pub use crate::memory::MemoryEventStore;
 #[doc(inline)]
 pub use crate::position::{ParsePositionError, Position};
@@ -81,9 +86,11 @@ pub use crate::store::{DEFAULT_PAGE_SIZE, Direction, EventStore, Page, ReadStrea
 #[doc(inline)]
 pub use crate::stream::{MAX_STREAM_NAME_LEN, StreamName};
 #[doc(inline)]
-pub use crate::subscription::{Notifier, SubscriptionOptions, Wakeup};
+pub use crate::subscription::SubscriptionOptions;
 #[doc(inline)]
 pub use crate::version::{AppendResult, ExpectedVersion};
+#[doc(inline)]
+pub use crate::wakeup::{Notifier, Wakeup};
 /// The attribute [`EventStore`] implementations use (the trait is object-safe through it).
 pub use async_trait::async_trait;
 

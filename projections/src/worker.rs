@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use annal_eventstore::{EventStore, Page, Position, RecordedEvent, StreamName};
+use annal_eventstore::{EventStore, Follower, Page, Position, RecordedEvent, StreamName, SubscriptionOptions};
 use chrono::Utc;
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
@@ -162,32 +162,26 @@ impl Worker<'_> {
         // A partition reads only its own streams, in the database.
         let filter = self.projection.filter().with_partition(self.options.partition, self.projection.partitions());
         let batch = self.projection.batch_size().max(1);
-        let mut wakeup = self.events.wakeup();
         let mut checkpoint = self.load_checkpoint().await?;
+        let options = SubscriptionOptions::default().page_size(batch).poll_interval(self.options.poll_interval);
+        let mut follower = Follower::new(self.events, checkpoint, filter, options);
         let mut failures = 0u32;
         while !cancel.is_cancelled() {
-            wakeup.mark_seen();
-            let page = match self.events.read_all_page(checkpoint, &filter, batch).await {
+            let page = tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                // The follower waits for new events and backs off after a failed read itself.
+                page = follower.next_page() => page,
+            };
+            let page = match page {
                 Ok(page) => page,
                 Err(error) => {
-                    failures += 1;
-                    let pause = RetryPolicy::default().pause(failures);
-                    tracing::warn!(projection = self.name(), %error, ?pause, "reading events failed; retrying");
-                    tokio::select! {
-                        () = cancel.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(pause) => continue,
-                    }
+                    tracing::warn!(projection = self.name(), %error, "reading events failed; retrying");
+                    continue;
                 }
             };
             let outcome = if page.events.is_empty() {
-                if page.next > checkpoint {
-                    self.advance(checkpoint, page.next).await
-                } else {
-                    tokio::select! {
-                        () = cancel.cancelled() => return Ok(()),
-                        _ = wakeup.wait(self.options.poll_interval) => continue,
-                    }
-                }
+                // Only events the projection does not select: the checkpoint moves past them.
+                self.advance(checkpoint, page.next).await
             } else {
                 let span = tracing::debug_span!(
                     "batch",
@@ -217,6 +211,7 @@ impl Worker<'_> {
                     }
                 }
             }
+            follower.seek(checkpoint);
         }
         Ok(())
     }
