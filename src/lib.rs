@@ -37,19 +37,23 @@
 //!
 //! Concepts and guarantees: `docs/concepts.md`; the global order on PostgreSQL:
 //! `docs/ordering.md`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[doc(inline)]
 pub use annal_eventstore::*;
 
 #[cfg(feature = "projections")]
+#[cfg_attr(docsrs, doc(cfg(feature = "projections")))]
 #[doc(inline)]
 pub use annal_projections as projections;
 
 #[cfg(feature = "runner")]
+#[cfg_attr(docsrs, doc(cfg(feature = "runner")))]
 #[doc(inline)]
 pub use annal_runner as runner;
 
 #[cfg(feature = "derive")]
+#[cfg_attr(docsrs, doc(cfg(feature = "derive")))]
 #[doc(inline)]
 pub use annal_macros::{Aggregate, Event};
 

@@ -160,10 +160,12 @@ impl RecordedEvent {
     /// Deserialises the payload into `T`.
     ///
     /// # Errors
-    /// [`Error::Corrupt`] if the payload does not have `T`'s shape.
+    /// [`Error::Decode`] if the payload does not have `T`'s shape.
     pub fn data_as<T: DeserializeOwned>(&self) -> Result<T> {
-        T::deserialize(&self.data).map_err(|e| Error::Corrupt {
-            location: format!("{}@{}", self.stream, self.version),
+        T::deserialize(&self.data).map_err(|e| Error::Decode {
+            what: format!("event {}@{}", self.stream, self.version),
+            event_type: self.event_type.clone(),
+            schema_version: self.schema_version,
             reason: e.to_string(),
         })
     }
@@ -234,8 +236,8 @@ pub(crate) fn validate_event_type(event_type: &str) -> Result<()> {
     Err(Error::InvalidEventType { event_type: truncated(event_type), reason })
 }
 
-/// Decodes stored JSON text, naming the row if it is broken.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
+/// Decodes stored JSON text, naming the row if it is broken (SQLite stores JSON as text).
+#[cfg(feature = "sqlite")]
 pub(crate) fn decode_json<T: DeserializeOwned>(text: &str, location: impl FnOnce() -> String) -> Result<T> {
     serde_json::from_str(text).map_err(|e| Error::Corrupt { location: location(), reason: e.to_string() })
 }

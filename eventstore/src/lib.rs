@@ -36,6 +36,7 @@
 //! ```
 //!
 //! The guarantees in plain words are in `docs/concepts.md` and `docs/ordering.md`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod aggregate;
 mod append;
@@ -57,10 +58,10 @@ mod tail;
 mod version;
 mod wakeup;
 
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod convert;
 #[cfg(feature = "postgres")]
 mod postgres;
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-mod sql;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 pub mod testing;
@@ -95,8 +96,10 @@ pub use crate::wakeup::{Notifier, Wakeup};
 pub use async_trait::async_trait;
 
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 #[doc(inline)]
 pub use crate::postgres::{OpenTransaction, PgEventStore, PgTransaction};
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 #[doc(inline)]
 pub use crate::sqlite::SqliteEventStore;

@@ -15,6 +15,7 @@
 //!
 //! The guarantees in plain words are in `docs/projections.md`; running it in production in
 //! `docs/runner.md`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod dead_letters;
 mod dedup;
@@ -42,11 +43,13 @@ pub use crate::dead_letters::{retry_dead_letter, skip_dead_letter};
 pub use crate::dedup::Dedup;
 pub use crate::memory::MemoryProjectionStore;
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use crate::postgres::PgProjectionStore;
 pub use crate::projection::{Delivery, Projection, Tx, validate_name};
 pub use crate::retry::{OnFailure, RetryPolicy};
 pub use crate::runner::{Lag, PartitionLag, ProjectionRunner, RunningProjections, partition_lag};
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::sqlite::SqliteProjectionStore;
 pub use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
 pub use crate::worker::{Latency, Progress, WorkerOptions};

@@ -29,9 +29,11 @@ pub enum Delivery {
 pub enum Tx<'a> {
     /// A PostgreSQL transaction on the event store's database.
     #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     Postgres(&'a mut sqlx::PgConnection),
     /// A SQLite transaction on the event store's file.
     #[cfg(feature = "sqlite")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
     Sqlite(&'a mut sqlx::SqliteConnection),
     /// No transaction: the in-memory store, or a mode other than exactly-once.
     None(std::marker::PhantomData<&'a mut ()>),
@@ -57,6 +59,7 @@ impl Tx<'_> {
 
     /// The PostgreSQL connection in its transaction, if this is one.
     #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
     pub fn postgres(&mut self) -> Option<&mut sqlx::PgConnection> {
         match self {
             Tx::Postgres(conn) => Some(conn),
@@ -66,6 +69,7 @@ impl Tx<'_> {
 
     /// The SQLite connection in its transaction, if this is one.
     #[cfg(feature = "sqlite")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
     pub fn sqlite(&mut self) -> Option<&mut sqlx::SqliteConnection> {
         match self {
             Tx::Sqlite(conn) => Some(conn),

@@ -56,6 +56,17 @@ pub struct ProjectionRunner {
     lease: Duration,
 }
 
+impl std::fmt::Debug for ProjectionRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.projections.iter().map(|(p, _)| p.name()).collect();
+        f.debug_struct("ProjectionRunner")
+            .field("projections", &names)
+            .field("owner", &self.owner)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ProjectionRunner {
     /// A runner reading `events` and keeping checkpoints, dead letters and leases in `store`.
     pub fn new(events: Arc<dyn EventStore>, store: Arc<dyn ProjectionStore>) -> Self {
@@ -336,8 +347,20 @@ pub struct RunningProjections {
     store: Arc<dyn ProjectionStore>,
     running: HashMap<String, Running>,
     cancel: CancellationToken,
+    /// Cancelled only by [`RunningProjections::crash`] (the `test-util` feature).
+    #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
     crash: CancellationToken,
     owner: String,
+}
+
+impl std::fmt::Debug for RunningProjections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&String> = self.running.keys().collect();
+        f.debug_struct("RunningProjections")
+            .field("projections", &names)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RunningProjections {
@@ -422,7 +445,10 @@ impl RunningProjections {
 
     /// Stops as a crashed process would, for tests of failover: workers stop between two
     /// attempts, but leases are neither released nor renewed, and the runner is not
-    /// deregistered, so other runners take over only when the leases expire.
+    /// deregistered, so other runners take over only when the leases expire. Behind the
+    /// `test-util` feature.
+    #[cfg(feature = "test-util")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub async fn crash(self) {
         self.crash.cancel();
         for (_, running) in self.running {

@@ -13,7 +13,7 @@ use crate::projection::Tx;
 use crate::queries;
 use crate::sql_store::{sql_projection_store, to_i64, to_u64};
 use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
-use crate::{Error, Projection, Result};
+use crate::{Projection, Result};
 
 /// Checkpoints and dead letters in SQLite, beside a [`SqliteEventStore`]'s events, written
 /// through its one writer connection.
@@ -31,13 +31,10 @@ impl SqliteProjectionStore {
     /// # Errors
     /// Store errors when migrating.
     pub async fn new(events: &SqliteEventStore) -> Result<Self> {
-        let pool = events.writer().clone();
         let mut migrator = sqlx::migrate!("./migrations/sqlite");
         migrator.dangerous_set_table_name("annal_projection_migrations");
-        SqliteEventStore::run_migrations(&migrator, &pool)
-            .await
-            .map_err(|e| Error::Store(annal_eventstore::Error::Backend(Box::new(e))))?;
-        Ok(SqliteProjectionStore { pool })
+        events.migrate(&migrator).await?;
+        Ok(SqliteProjectionStore { pool: events.writer().clone() })
     }
 }
 

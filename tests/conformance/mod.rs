@@ -45,7 +45,7 @@ fn stream(name: &str) -> StreamName {
 }
 
 fn event(n: usize) -> NewEvent {
-    NewEvent::new(if n % 2 == 0 { "Even" } else { "Odd" }, json!({ "n": n }))
+    NewEvent::new(if n.is_multiple_of(2) { "Even" } else { "Odd" }, json!({ "n": n }))
 }
 
 fn events(range: std::ops::Range<usize>) -> Vec<NewEvent> {

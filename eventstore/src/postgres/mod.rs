@@ -12,9 +12,9 @@ use sqlx::{Connection, Row};
 use uuid::Uuid;
 
 use crate::append::{Written, resolve_written};
+use crate::convert::{to_i64, to_u64};
 use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, encode_batch};
 use crate::filter::stream_hash;
-use crate::sql::{to_i64, to_u64};
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
     AppendResult, Direction, Error, EventStore, ExpectedVersion, Filter, Metadata, NewEvent, Page, Position,

@@ -13,9 +13,9 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
 use crate::append::{Written, first_version, resolve_written};
+use crate::convert::{to_i64, to_u64};
 use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, decode_json, encode_batch};
 use crate::filter::stream_hash;
-use crate::sql::{to_i64, to_u64};
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
     AppendResult, Direction, Error, EventStore, ExpectedVersion, Filter, NewEvent, Page, Position, RecordedEvent,
@@ -100,17 +100,25 @@ impl SqliteEventStore {
     /// Runs `migrator` on a SQLite pool, where sqlx takes no lock: when two processes open a new
     /// file at once, both may try a migration, and the one that waited for the other's write lock
     /// then fails with "table ... already exists" (or "database is locked"). Running again, after
-    /// a pause, finds that migration applied. (For the projection store's migrations too, hence
-    /// public; not meant for applications.)
+    /// a pause, finds that migration applied.
     ///
     /// # Errors
     /// The last attempt's error.
-    #[doc(hidden)]
-    pub async fn run_migrations(
+    async fn run_migrations(
         migrator: &sqlx::migrate::Migrator,
         pool: &SqlitePool,
     ) -> std::result::Result<(), sqlx::migrate::MigrateError> {
         again_if_raced(|| migrator.run(pool)).await
+    }
+
+    /// Runs `migrator` (the migrations of a projection store or of a read model kept in this
+    /// file) through the writer, as opening runs the store's own: a migration that another
+    /// process opening the file at the same moment applied first is not an error.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] with the migration's error.
+    pub async fn migrate(&self, migrator: &sqlx::migrate::Migrator) -> Result<()> {
+        Self::run_migrations(migrator, &self.writer).await.map_err(Error::backend)
     }
 
     /// Sets the limit on one event's encoded size (default 1 MiB).
@@ -242,7 +250,8 @@ fn decode(row: &SqliteRow) -> Result<RecordedEvent> {
         version: to_u64(row.try_get("version")?),
         position: Position::new(0, to_u64(position)),
         event_type: row.try_get("event_type")?,
-        schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?).unwrap_or_default(),
+        schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
+            .map_err(|_| Error::Corrupt { location: location(), reason: "negative schema version".into() })?,
         data: decode_json(row.try_get("data")?, location)?,
         metadata: decode_json(row.try_get("metadata")?, location)?,
         recorded_at: DateTime::from_timestamp_micros(recorded_at).unwrap_or_default(),
