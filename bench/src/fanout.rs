@@ -1,7 +1,9 @@
 //! Fan-out: one writer at a modest fixed rate, followed by 1 and then by 500 concurrent
 //! subscriptions in this process (each through `EventStore::subscribe`); the delivery latency of
 //! every event to every subscription, from the moment the writer gets the append's reply to
-//! the moment the subscription yields it.
+//! the moment the subscription yields it. Then the same writer followed by 1 and by 50
+//! projections in one runner, counting the log reads: projection workers follow the log
+//! through the same follower and shared tail as subscriptions.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +13,7 @@ use annal_eventstore::{
     AppendResult, Direction, EventStore, ExpectedVersion, Filter, NewEvent, Page, PgEventStore, Position,
     RecordedEvent, StreamName, Wakeup,
 };
+use annal_projections::{MemoryProjectionStore, Projection, ProjectionRunner, Tx, WorkerOptions};
 use async_trait::async_trait;
 use futures::StreamExt;
 use sqlx::PgPool;
@@ -25,6 +28,8 @@ use crate::report::{Better, Measurement};
 const RATE: u32 = 50;
 /// The many subscriptions.
 const MANY: usize = 500;
+/// The many projections.
+const MANY_PROJECTIONS: usize = 50;
 
 /// The store, counting the subscriptions' reads of the log: where fan-out's time goes.
 struct Counted {
@@ -87,6 +92,8 @@ pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::R
     let store = PgEventStore::from_pool(pool).await?;
     let one = measure(&store, 1, plan).await?;
     let many = measure(&store, MANY, plan).await?;
+    let one_projection = projection_reads(&store, 1, plan).await?;
+    let many_projections = projection_reads(&store, MANY_PROJECTIONS, plan).await?;
     let (one_reads, many_reads, many_empty) = (one.reads_per_delivery, many.reads_per_delivery, many.empty);
     let (one, many) = (one.latencies, many.latencies);
     store.close().await;
@@ -127,6 +134,18 @@ pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::R
             one_reads,
         )
         .note(format!("{:.0}% of them found nothing new", 100.0 * many_empty)),
+        Measurement::against(
+            format!("fan-out: log reads per appended event, {MANY_PROJECTIONS} projections"),
+            many_projections,
+            "reads",
+            Better::Lower,
+            "1 projection",
+            one_projection,
+        )
+        .note(format!(
+            "1 writer at {RATE} events/s for {} s; one wake-up per event; checkpoints in memory",
+            (plan.fanout_duration / 2).as_secs()
+        )),
     ];
     let curves = vec![one.curve("1 subscription"), many.curve(format!("{MANY} subscriptions"))];
     Ok((measurements, curves))
@@ -209,4 +228,51 @@ async fn measure(store: &PgEventStore, subscriptions: usize, plan: Plan) -> anyh
         reads_per_delivery: reads as f64 / expected.max(1) as f64,
         empty: empty as f64 / reads.max(1) as f64,
     })
+}
+
+/// A projection that does nothing: what is measured is how it follows the log.
+struct Idle(String);
+
+#[async_trait]
+impl Projection for Idle {
+    fn name(&self) -> &str {
+        &self.0
+    }
+
+    async fn handle(&self, _events: &[RecordedEvent], _tx: &mut Tx<'_>) -> Result<(), annal_eventstore::BoxError> {
+        Ok(())
+    }
+}
+
+/// Reads of the log per appended event while `count` projections in one runner follow it live
+/// (checkpoints in memory, so that only the log's reads reach the database).
+async fn projection_reads(store: &PgEventStore, count: usize, plan: Plan) -> anyhow::Result<f64> {
+    let counted = Arc::new(Counted { inner: store.clone(), reads: AtomicU64::new(0), empty: AtomicU64::new(0) });
+    let names: Vec<String> = (0..count).map(|i| format!("fanout_{i}")).collect();
+    let mut runner = ProjectionRunner::new(counted.clone(), Arc::new(MemoryProjectionStore::new()));
+    for name in &names {
+        runner = runner.with(Arc::new(Idle(name.clone())), WorkerOptions::default())?;
+    }
+    let running = runner.start();
+    let stream = StreamName::new(format!("fanout-{}", run_id()))?;
+    // Warm-up: every projection has caught up with the log and follows its head.
+    let mut last = counted.append(&stream, ExpectedVersion::NoStream, crate::db::events(1)).await?;
+    for name in &names {
+        running.wait_for(name, last.position(), Duration::from_secs(60)).await?;
+    }
+    let reads_before = counted.reads.load(Ordering::Relaxed);
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / RATE);
+    let deadline = Instant::now() + plan.fanout_duration / 2;
+    let mut appended = 0u64;
+    while Instant::now() < deadline {
+        tick.tick().await;
+        last = counted.append(&stream, ExpectedVersion::Exact(last.version), crate::db::events(1)).await?;
+        appended += 1;
+    }
+    for name in &names {
+        running.wait_for(name, last.position(), Duration::from_secs(60)).await?;
+    }
+    let reads = counted.reads.load(Ordering::Relaxed) - reads_before;
+    running.shutdown().await?;
+    Ok(reads as f64 / appended.max(1) as f64)
 }
