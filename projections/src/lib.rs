@@ -19,6 +19,7 @@
 
 mod dead_letters;
 mod dedup;
+mod error;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -34,13 +35,10 @@ mod sqlite;
 mod store;
 mod worker;
 
-use std::time::Duration;
-
-pub use annal_eventstore::{Filter, Position, RecordedEvent};
-use uuid::Uuid;
-
 pub use crate::dead_letters::{retry_dead_letter, skip_dead_letter};
 pub use crate::dedup::Dedup;
+#[doc(inline)]
+pub use crate::error::{Error, Result};
 pub use crate::memory::MemoryProjectionStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -54,82 +52,4 @@ pub use crate::sqlite::SqliteProjectionStore;
 pub use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
 pub use crate::worker::{Latency, Progress, WorkerOptions};
 pub use annal_eventstore::partition_of;
-
-/// `Result` with the projections' [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// What can go wrong running projections.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// A projection name broke the naming rules.
-    #[error("invalid projection name {name:?}: {reason}")]
-    InvalidName {
-        /// The rejected name.
-        name: String,
-        /// Which rule it broke.
-        reason: &'static str,
-    },
-    /// Two projections with one name.
-    #[error("two projections are named {0:?}")]
-    DuplicateName(String),
-    /// No running projection has this name.
-    #[error("no projection named {0:?} is running here")]
-    UnknownProjection(String),
-    /// A projection gave up on an event under [`OnFailure::Stop`].
-    #[error("projection {projection} stopped at event {event_id} ({position}) after {attempts} attempts: {reason}")]
-    Stopped {
-        /// The projection.
-        projection: String,
-        /// The event that kept failing.
-        event_id: Uuid,
-        /// Its position.
-        position: Position,
-        /// How many times it was tried.
-        attempts: u32,
-        /// The last error.
-        reason: String,
-    },
-    /// No dead letter with this id.
-    #[error("projection {projection} has no dead letter {id}")]
-    NoDeadLetter {
-        /// The projection.
-        projection: String,
-        /// The id asked for.
-        id: i64,
-    },
-    /// A dead letter cannot be retried before an older one of its stream.
-    #[error("dead letter {id} waits behind dead letter {older} of stream {stream}; retry or skip that one first")]
-    OutOfOrder {
-        /// The id asked for.
-        id: i64,
-        /// The older dead letter of the same stream.
-        older: i64,
-        /// The stream.
-        stream: String,
-    },
-    /// A wait for a position ran out of time.
-    #[error("position {position} was not reached within {waited:?}")]
-    Timeout {
-        /// The position waited for.
-        position: Position,
-        /// How long.
-        waited: Duration,
-    },
-    /// The store cannot do what was asked (the in-memory store runs no SQL).
-    #[error("unsupported: {0}")]
-    Unsupported(&'static str),
-    /// A worker task panicked.
-    #[error("a projection worker panicked: {0}")]
-    Panicked(String),
-    /// The event store or the projection store failed.
-    #[error(transparent)]
-    Store(#[from] annal_eventstore::Error),
-}
-
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
-impl From<sqlx::Error> for Error {
-    fn from(error: sqlx::Error) -> Self {
-        Error::Store(error.into())
-    }
-}
+pub use annal_eventstore::{Filter, Position, RecordedEvent};
