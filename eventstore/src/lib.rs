@@ -59,7 +59,8 @@ mod version;
 mod wakeup;
 
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
-mod convert;
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
+pub mod convert;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "sqlite")]

@@ -1,6 +1,7 @@
 //! Checkpoints and dead letters in PostgreSQL, in the event store's database; exactly-once
 //! effect through one transaction for read model and checkpoint.
 
+use annal_eventstore::convert::{to_i64, to_u64};
 use annal_eventstore::{PgEventStore, Position, RecordedEvent, StreamName};
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow};
 
 use crate::projection::Tx;
 use crate::queries;
-use crate::sql_store::{sql_projection_store, to_i64, to_u64};
+use crate::sql_store::sql_projection_store;
 use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
 use crate::{Error, Projection, Result};
 

@@ -11,17 +11,6 @@
 //! about the algorithm. The macro keeps the algorithm in plain, concrete sqlx calls; each
 //! expansion is type-checked against its backend.
 
-/// A number to bind; values past `i64::MAX` (never reached by versions, positions or tokens)
-/// saturate.
-pub(crate) fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-/// A stored non-negative number; a negative one (never written) reads as 0.
-pub(crate) fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or_default()
-}
-
 /// Implements [`crate::ProjectionStore`] for `$store` (a struct with a `pool` field), with:
 /// - `connection`, `row`: the backend's sqlx connection and row types;
 /// - `tx`: the [`crate::Tx`] variant handlers get;
