@@ -242,6 +242,9 @@ impl<S: EventStore> EventStore for Racing<S> {
     async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> annal::Result<Page> {
         self.inner.read_all_page(from, filter, limit).await
     }
+    async fn read_event(&self, id: uuid::Uuid) -> annal::Result<Option<RecordedEvent>> {
+        self.inner.read_event(id).await
+    }
     async fn head(&self) -> annal::Result<Position> {
         self.inner.head().await
     }

@@ -266,6 +266,14 @@ pub(crate) fn follow<'a, S: EventStore + ?Sized>(
                         st.quick_poll = Some(Duration::from_millis(1));
                     }
                 }
+                Err(Error::Unreadable(bad)) => {
+                    // Reported in its place; the subscription goes on after it.
+                    st.error_delay = None;
+                    st.from = st.from.max(bad.position);
+                    tracing::warn!(position = %bad.position, stream = %bad.stream, reason = %bad.reason,
+                        "subscription passed an unreadable event");
+                    return Some((Err(Error::Unreadable(bad)), st));
+                }
                 Err(Error::Closed) => {
                     st.ended = true;
                     return Some((Err(Error::Closed), st));
