@@ -172,6 +172,25 @@ impl Error {
         matches!(self, Error::Conflict { .. })
     }
 
+    /// `true` when the transaction the error came from must be run again from its start, in a
+    /// new transaction: a [`StaleTransaction`](Error::StaleTransaction), or a deadlock or
+    /// serialization failure the database reported (SQLSTATE 40P01, 40001), which happen to
+    /// transactions that append to several busy streams.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::StaleTransaction { .. } => true,
+            #[cfg(feature = "postgres")]
+            Error::Backend(source) => {
+                let code = source.downcast_ref::<sqlx::Error>().and_then(|e| match e {
+                    sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+                    _ => None,
+                });
+                matches!(code.as_deref(), Some("40P01" | "40001"))
+            }
+            _ => false,
+        }
+    }
+
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) fn backend(source: impl Into<BoxError>) -> Self {
         Error::Backend(source.into())

@@ -178,9 +178,10 @@ pub trait EventStore: Send + Sync {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a `limit` of 0;
-    /// [`Error::Unreadable`](crate::Error::Unreadable) when the first event to return cannot be
-    /// decoded (a page stops before such an event, so the next read starts at it);
-    /// [`Error::Closed`](crate::Error::Closed), [`Error::Backend`](crate::Error::Backend).
+    /// [`Error::Unreadable`](crate::Error::Unreadable) for the first event of the page that
+    /// cannot be decoded (the whole page fails: [`EventStore::read_stream`] then reads up to it
+    /// one event at a time); [`Error::Closed`](crate::Error::Closed),
+    /// [`Error::Backend`](crate::Error::Backend).
     async fn read_stream_page(
         &self,
         stream: &StreamName,
@@ -272,17 +273,25 @@ pub trait EventStore: Send + Sync {
             Ok(()) => Some((from, read.limit.unwrap_or(usize::MAX))),
             Err(error) => return stream::once(async { Err(error) }).boxed(),
         };
-        stream::unfold(start, move |state| async move {
-            let (from, remaining) = state.filter(|(_, remaining)| *remaining > 0)?;
-            let want = remaining.min(read.page_size);
+        // The state: where to read next, how many events may still be returned, and whether
+        // the last page held an unreadable event (then pages of one event pass it).
+        stream::unfold(start.map(|(from, remaining)| (from, remaining, false)), move |state| async move {
+            let (from, remaining, careful) = state.filter(|(_, remaining, _)| *remaining > 0)?;
+            let want = if careful { 1 } else { remaining.min(read.page_size) };
             let (items, next) = match self.read_stream_page(stream, read.direction, from, want).await {
                 Ok(page) => {
                     let next = if page.len() < want { None } else { page.last().and_then(|e| after(e.version)) };
                     let remaining = remaining - page.len();
-                    (page.into_iter().map(Ok).collect(), next.map(|next| (next, remaining)))
+                    (page.into_iter().map(Ok).collect(), next.map(|next| (next, remaining, careful)))
                 }
+                // Not at `from`: the page had good events before it. Read them one by one.
+                Err(crate::Error::Unreadable(bad)) if bad.version != from && !careful => {
+                    (vec![], Some((from, remaining, true)))
+                }
+                // At `from`: reported in its place, and the read goes on after it. (Read alone
+                // but stored with a version that cannot be read: reported, and the read ends.)
                 Err(crate::Error::Unreadable(bad)) => {
-                    let next = after(bad.version).map(|next| (next, remaining - 1));
+                    let next = after(from).filter(|_| bad.version == from).map(|next| (next, remaining - 1, false));
                     (vec![Err(crate::Error::Unreadable(bad))], next)
                 }
                 Err(error) => (vec![Err(error)], None),

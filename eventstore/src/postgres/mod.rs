@@ -478,7 +478,7 @@ impl EventStore for PgEventStore {
             .bind(to_i64(limit as u64))
             .fetch_all(&self.pool)
             .await?;
-        Ok(decode_rows(&rows, decode)?.0)
+        rows.iter().map(decode).collect()
     }
 
     async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page> {

@@ -321,7 +321,7 @@ impl EventStore for SqliteEventStore {
             .bind(to_i64(limit as u64))
             .fetch_all(&self.readers)
             .await?;
-        Ok(decode_rows(&rows, decode)?.0)
+        rows.iter().map(decode).collect()
     }
 
     async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page> {
