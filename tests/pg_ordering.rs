@@ -422,3 +422,104 @@ async fn per_stream_order_is_global_order_for_every_way_of_appending() {
     assert!(stale.load(Ordering::Relaxed) > 0, "no append was ever refused as stale: the test tried nothing");
     eprintln!("{} appends refused as stale and retried", stale.load(Ordering::Relaxed));
 }
+
+/// A second store on the same database stands for another process: it has its own wake-ups
+/// and hears the first store's appends only through the coalesced `NOTIFY`. With a one-hour
+/// poll interval, an event arriving within the test's patience can only have come that way.
+#[tokio::test]
+async fn a_store_in_another_process_is_woken_by_notify() {
+    let options = support::pg::fresh_schema().await;
+    let pool = || sqlx::postgres::PgPoolOptions::new().max_connections(4).connect_with(options.clone());
+    let writer = PgEventStore::from_pool(pool().await.unwrap()).await.unwrap();
+    let reader = PgEventStore::from_pool(pool().await.unwrap()).await.unwrap();
+    // On this current-thread runtime the reader's LISTEN task has not run yet: its first
+    // wake-up, sent once it listens, is still ahead of us.
+    let mut listening = reader.wakeup();
+    let hour = annal::SubscriptionOptions::default().poll_interval(Duration::from_secs(3600));
+    let mut sub = reader.subscribe_with(Position::START, Filter::all(), hour);
+    assert!(listening.wait(PATIENCE).await, "the reader never listened");
+    for n in 0..3 {
+        let s = StreamName::from_parts("wake", n).unwrap();
+        let started = tokio::time::Instant::now();
+        writer.append(&s, ExpectedVersion::NoStream, vec![NewEvent::new("Woke", json!({ "n": n }))]).await.unwrap();
+        let event = next_within(&mut sub).await;
+        assert_eq!(event.stream, s);
+        eprintln!("woken across stores in {:?}", started.elapsed());
+    }
+}
+
+/// Counts the global reads a store serves, and tells whoever waits for a count.
+struct CountingReads {
+    inner: PgEventStore,
+    reads: tokio::sync::watch::Sender<usize>,
+}
+
+#[annal::async_trait]
+impl EventStore for CountingReads {
+    async fn append(
+        &self,
+        s: &StreamName,
+        e: ExpectedVersion,
+        ev: Vec<NewEvent>,
+    ) -> annal::Result<annal::AppendResult> {
+        self.inner.append(s, e, ev).await
+    }
+    async fn read_stream_page(
+        &self,
+        s: &StreamName,
+        d: annal::Direction,
+        from: u64,
+        limit: usize,
+    ) -> annal::Result<Vec<RecordedEvent>> {
+        self.inner.read_stream_page(s, d, from, limit).await
+    }
+    async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> annal::Result<annal::Page> {
+        let page = self.inner.read_all_page(from, filter, limit).await;
+        self.reads.send_modify(|n| *n += 1);
+        page
+    }
+    async fn read_event(&self, id: Uuid) -> annal::Result<Option<RecordedEvent>> {
+        self.inner.read_event(id).await
+    }
+    async fn head(&self) -> annal::Result<Position> {
+        self.inner.head().await
+    }
+    fn wakeup(&self) -> annal::Wakeup {
+        self.inner.wakeup()
+    }
+}
+
+/// A wake-up whose read finds nothing, because the new event sits behind an older transaction
+/// that holds an id, is followed by quick re-polls: when that transaction ends (sending no
+/// wake-up of its own) the subscriber gets the event within milliseconds, not its poll
+/// interval (one hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wakeup_that_finds_nothing_is_followed_by_quick_re_polls() {
+    let inner = store(5).await;
+    let store = Arc::new(CountingReads { inner: inner.clone(), reads: tokio::sync::watch::Sender::new(0) });
+    let mut reads = store.reads.subscribe();
+    let hour = annal::SubscriptionOptions::default().poll_interval(Duration::from_secs(3600));
+    let subscriber = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut sub = store.subscribe_with(Position::START, Filter::all(), hour);
+            next_within(&mut sub).await
+        })
+    };
+    reads.wait_for(|n| *n >= 1).await.unwrap(); // caught up with the empty log, now waiting
+    let mut holder = connect().await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut holder).await.unwrap();
+    let s = StreamName::new("behind-1").unwrap();
+    inner.append(&s, ExpectedVersion::NoStream, vec![NewEvent::new("Behind", json!({}))]).await.unwrap();
+    // The wake-up's read found nothing (the event is behind the holder)...
+    let before = *reads.borrow();
+    reads.wait_for(|n| *n > before).await.unwrap();
+    assert!(!subscriber.is_finished());
+    let started = tokio::time::Instant::now();
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    // ...and the quick re-polls find it once the holder is gone.
+    let event = tokio::time::timeout(PATIENCE, subscriber).await.expect("no quick re-poll").unwrap();
+    assert_eq!(event.stream, s);
+    eprintln!("delivered {:?} after the holder ended", started.elapsed());
+}
