@@ -278,6 +278,19 @@ fn check_json(value: &mut Value, depth: usize) -> std::result::Result<(), &'stat
     Ok(())
 }
 
+/// Checks a snapshot against the rules events follow (nesting, NUL, schema version) and encodes
+/// its state, so that no backend stores a snapshot it cannot read back.
+pub(crate) fn encode_snapshot(snapshot: &crate::Snapshot) -> Result<(Value, String)> {
+    let invalid = |reason| Error::InvalidArgument { reason };
+    if snapshot.schema_version > MAX_SCHEMA_VERSION {
+        return Err(invalid("a snapshot's schema version is at most 2147483647 (2^31 - 1)"));
+    }
+    let mut state = snapshot.state.clone();
+    check_json(&mut state, 0).map_err(invalid)?;
+    let text = encode_json(&state)?;
+    Ok((state, text))
+}
+
 /// Drops a JSON value without recursion.
 fn drop_flat(value: Value) {
     let mut pending = vec![value];

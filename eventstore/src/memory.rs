@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::append::{Written, first_version, resolve_written};
-use crate::event::{DEFAULT_MAX_EVENT_SIZE, encode_batch};
+use crate::event::{DEFAULT_MAX_EVENT_SIZE, encode_batch, encode_snapshot};
 use crate::store::check_limit;
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
@@ -179,6 +179,8 @@ impl EventStore for MemoryEventStore {
     }
 
     async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
+        let (state, _) = encode_snapshot(snapshot)?;
+        let snapshot = &Snapshot::new(snapshot.version, snapshot.schema_version, state);
         let mut log = self.write();
         let newer = |old: &Snapshot| old.version < snapshot.version || old.schema_version != snapshot.schema_version;
         if log.snapshots.get(stream).is_none_or(newer) {

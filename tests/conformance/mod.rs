@@ -538,6 +538,15 @@ pub(crate) async fn snapshots_keep_the_newest<S: EventStore>(store: S) {
     store.save_snapshot(&s, &v2).await.unwrap();
     assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(v2));
     assert_eq!(store.load_snapshot(&stream("snap-2")).await.unwrap(), None);
+    // Snapshots follow the rules events do: nothing is stored that cannot be read back.
+    for bad in [annal::Snapshot::new(20, 1 << 31, json!({})), annal::Snapshot::new(20, 2, nested(101))] {
+        let refused = store.save_snapshot(&s, &bad).await;
+        assert!(matches!(refused, Err(Error::InvalidArgument { .. })), "{refused:?}");
+    }
+    let big = annal::Snapshot::new(21, 2, json!({ "total": 1e16, "deep": nested(99) }));
+    store.save_snapshot(&s, &big).await.unwrap();
+    let loaded = store.load_snapshot(&s).await.unwrap().unwrap();
+    assert_eq!(loaded.state, json!({ "total": 10_000_000_000_000_000u64, "deep": nested(99) }));
 }
 
 /// Reads every event `filter` selects, in small pages (so pages move past unselected events).

@@ -195,7 +195,7 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
     async fn load_stream(&self, stream: &StreamName) -> Result<Loaded<A>> {
         let (mut state, mut version) = (A::default(), None);
         if let Some(schema_version) = A::snapshot_policy().schema_version()
-            && let Some(snapshot) = self.store.load_snapshot(stream).await?
+            && let Some(snapshot) = self.usable_snapshot(stream).await?
             && snapshot.schema_version == schema_version
         {
             match A::from_snapshot(snapshot.state) {
@@ -210,6 +210,18 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
             version = Some(recorded.version);
         }
         Ok(Loaded { state, version })
+    }
+
+    /// The stored snapshot, if it can be read: a snapshot is only a shortcut, so one that is
+    /// damaged is logged and the stream is replayed from the start instead.
+    async fn usable_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>> {
+        match self.store.load_snapshot(stream).await {
+            Err(error @ (Error::Corrupt { .. } | Error::Decode { .. })) => {
+                tracing::warn!(%stream, %error, "ignoring a stored snapshot that cannot be read");
+                Ok(None)
+            }
+            loaded => loaded,
+        }
     }
 
     /// Runs `command` against the aggregate and appends the events it decides.

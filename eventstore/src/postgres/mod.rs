@@ -11,7 +11,9 @@ use sqlx::{Connection, Row};
 use uuid::Uuid;
 
 use crate::append::{Written, resolve_written};
-use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, StoredEvent, decode_rows, encode_batch};
+use crate::event::{
+    DEFAULT_MAX_EVENT_SIZE, EncodedEvent, StoredEvent, decode_json, decode_rows, encode_batch, encode_snapshot,
+};
 use crate::filter::stream_hash;
 use crate::sql::{to_i64, to_u64};
 use crate::store::check_limit;
@@ -558,27 +560,30 @@ impl EventStore for PgEventStore {
     }
 
     async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>> {
-        let row: Option<(i64, i32, serde_json::Value)> =
-            sqlx::query_as("SELECT version, schema_version, state FROM annal_snapshots WHERE stream = $1")
+        let row: Option<(i64, i32, String)> =
+            sqlx::query_as("SELECT version, schema_version, state::text FROM annal_snapshots WHERE stream = $1")
                 .bind(stream.as_str())
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(row.map(|(version, schema_version, state)| {
-            Snapshot::new(to_u64(version), u32::try_from(schema_version).unwrap_or_default(), state)
-        }))
+        row.map(|(version, schema_version, state)| {
+            let state = decode_json(&state, || format!("snapshot of {stream}"))?;
+            Ok(Snapshot::new(to_u64(version), u32::try_from(schema_version).unwrap_or_default(), state))
+        })
+        .transpose()
     }
 
     async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
+        let (_, state) = encode_snapshot(snapshot)?;
         sqlx::query(
-            "INSERT INTO annal_snapshots (stream, version, schema_version, state) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO annal_snapshots (stream, version, schema_version, state) VALUES ($1, $2, $3, $4::jsonb) \
              ON CONFLICT (stream) DO UPDATE SET version = excluded.version, schema_version = excluded.schema_version, \
                  state = excluded.state, recorded_at = excluded.recorded_at \
              WHERE annal_snapshots.version < excluded.version OR annal_snapshots.schema_version <> excluded.schema_version",
         )
         .bind(stream.as_str())
         .bind(to_i64(snapshot.version))
-        .bind(i32::try_from(snapshot.schema_version).unwrap_or(i32::MAX))
-        .bind(&snapshot.state)
+        .bind(snapshot.schema_version as i32)
+        .bind(state)
         .execute(&self.pool)
         .await?;
         Ok(())

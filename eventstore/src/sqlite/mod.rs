@@ -13,7 +13,9 @@ use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
 use crate::append::{Written, first_version, resolve_written};
-use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, StoredEvent, decode_json, decode_rows, encode_batch};
+use crate::event::{
+    DEFAULT_MAX_EVENT_SIZE, EncodedEvent, StoredEvent, decode_json, decode_rows, encode_batch, encode_snapshot,
+};
 use crate::filter::stream_hash;
 use crate::sql::{to_i64, to_u64};
 use crate::store::check_limit;
@@ -383,7 +385,7 @@ impl EventStore for SqliteEventStore {
     }
 
     async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
-        let state = serde_json::to_string(&snapshot.state).map_err(|e| Error::Encode(Box::new(e)))?;
+        let (_, state) = encode_snapshot(snapshot)?;
         sqlx::query(
             "INSERT INTO annal_snapshots (stream, version, schema_version, state, recorded_at) VALUES (?, ?, ?, ?, ?) \
              ON CONFLICT (stream) DO UPDATE SET version = excluded.version, schema_version = excluded.schema_version, \
