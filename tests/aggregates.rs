@@ -104,7 +104,10 @@ backends!(
     snapshots_never_change_what_load_returns,
     rejected_commands_write_nothing,
     conflicts_are_retried_then_reported,
-    a_repeated_command_id_takes_effect_once
+    a_repeated_command_id_takes_effect_once,
+    a_repeat_returns_the_original_outcome_whatever_happened_since,
+    concurrent_calls_with_one_command_id_write_once_and_say_so,
+    one_command_id_on_two_aggregates_is_two_commands
 );
 
 async fn a_repeated_command_id_takes_effect_once<S: EventStore + Clone + 'static>(store: S) {
@@ -124,6 +127,73 @@ async fn a_repeated_command_id_takes_effect_once<S: EventStore + Clone + 'static
     // Another command id is another command.
     let other = repository.execute_once(&8, Uuid::now_v7(), deposit(), Metadata::default()).await.unwrap();
     assert_eq!((other.repeated, other.state.balance), (false, 21));
+}
+
+/// (b) of the review: the first withdrawal drained the account; its repeat must not be decided
+/// again (it would be rejected for insufficient funds) but answered with the original events.
+async fn a_repeat_returns_the_original_outcome_whatever_happened_since<S: EventStore + Clone + 'static>(store: S) {
+    let repository = Repository::<Account, _>::new(store.clone());
+    repository.execute(&21, AccountCommand::Deposit(50)).await.unwrap();
+    let command_id = Uuid::now_v7();
+    let withdraw = || AccountCommand::Withdraw(50);
+    let first = repository.execute_once(&21, command_id, withdraw(), Metadata::default()).await.unwrap();
+    assert_eq!((first.repeated, first.state.balance), (false, 0));
+    let again = repository.execute_once(&21, command_id, withdraw(), Metadata::default()).await.unwrap();
+    assert!(again.repeated, "a repeat, not a rejection");
+    assert_eq!(again.events, first.events);
+    // Still after the aggregate moved on.
+    repository.execute(&21, AccountCommand::Deposit(7)).await.unwrap();
+    let later = repository.execute_once(&21, command_id, withdraw(), Metadata::default()).await.unwrap();
+    assert!(later.repeated);
+    assert_eq!(later.events, first.events);
+    assert_eq!((later.state.balance, later.version), (7, Some(2)), "the aggregate as it is now");
+    assert_eq!(history(&store, 21).await.len(), 3, "the withdrawal was written once");
+}
+
+/// (a) of the review: of concurrent calls with one command id, exactly one writes; every other
+/// call says it was a repeat and returns the same events.
+async fn concurrent_calls_with_one_command_id_write_once_and_say_so<S: EventStore + Clone + 'static>(store: S) {
+    const CALLS: usize = 12;
+    let repository = Repository::<Account, _>::new(store.clone()).with_max_retries(CALLS);
+    repository.execute(&22, AccountCommand::Deposit(100)).await.unwrap();
+    for round in 0..5 {
+        let command_id = Uuid::now_v7();
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(CALLS));
+        let calls: Vec<_> = (0..CALLS)
+            .map(|_| {
+                let (repository, start) = (repository.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    repository.execute_once(&22, command_id, AccountCommand::Withdraw(10), Metadata::default()).await
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for call in calls {
+            results.push(call.await.unwrap().unwrap());
+        }
+        let writers = results.iter().filter(|r| !r.repeated).count();
+        assert_eq!(writers, 1, "round {round}: exactly one call wrote");
+        let events = &results[0].events;
+        assert_eq!(events.len(), 1);
+        assert!(results.iter().all(|r| &r.events == events), "round {round}: the same events for every call");
+    }
+    let balance = repository.load(&22).await.unwrap().state.balance;
+    assert_eq!(balance, 50, "five withdrawals of 10, each once");
+    assert_eq!(history(&store, 22).await.len(), 6);
+}
+
+/// (c) of the review: the key is scoped to the aggregate, so the same command id on another
+/// aggregate is another command, never a silent drop.
+async fn one_command_id_on_two_aggregates_is_two_commands<S: EventStore + Clone + 'static>(store: S) {
+    let repository = Repository::<Account, _>::new(store.clone());
+    let command_id = Uuid::now_v7();
+    let a = repository.execute_once(&23, command_id, AccountCommand::Deposit(5), Metadata::default()).await.unwrap();
+    let b = repository.execute_once(&24, command_id, AccountCommand::Deposit(6), Metadata::default()).await.unwrap();
+    assert!(!a.repeated && !b.repeated, "two aggregates, two commands");
+    assert_ne!(a.events[0].id, b.events[0].id);
+    assert_eq!((history(&store, 23).await.len(), history(&store, 24).await.len()), (1, 1));
+    assert_eq!(repository.load(&24).await.unwrap().state.balance, 6);
 }
 
 async fn concurrent_commands_lose_no_update<S: EventStore + Clone + 'static>(store: S) {
@@ -241,6 +311,9 @@ impl<S: EventStore> EventStore for Racing<S> {
     }
     async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> annal::Result<Page> {
         self.inner.read_all_page(from, filter, limit).await
+    }
+    async fn read_event(&self, id: uuid::Uuid) -> annal::Result<Option<RecordedEvent>> {
+        self.inner.read_event(id).await
     }
     async fn head(&self) -> annal::Result<Position> {
         self.inner.head().await

@@ -68,6 +68,9 @@ impl EventStore for Counted {
         Ok(page)
     }
 
+    async fn read_event(&self, id: uuid::Uuid) -> annal_eventstore::Result<Option<RecordedEvent>> {
+        self.inner.read_event(id).await
+    }
     async fn head(&self) -> annal_eventstore::Result<Position> {
         self.inner.head().await
     }

@@ -17,6 +17,7 @@ mod lag;
 mod latency;
 mod rebuild;
 mod report;
+mod store;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -68,6 +69,8 @@ enum Suite {
     Aggregate,
     /// SQLite appends and lag.
     Sqlite,
+    /// Idempotent retries of big batches, and wake-ups across processes, on every backend.
+    Store,
 }
 
 /// How long and how big each measurement is: `--quick` or the full run.
@@ -158,6 +161,10 @@ async fn main() -> anyhow::Result<()> {
         let (measurements, curves) = fanout::postgres(&admin, &url, plan).await?;
         report.extend(measurements);
         charts.fanout = curves;
+    }
+    if wanted(Suite::Store) {
+        eprintln!("== store");
+        report.extend(store::all(&admin, &url, plan).await?);
     }
     if wanted(Suite::Aggregate) {
         eprintln!("== aggregate");

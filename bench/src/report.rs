@@ -170,6 +170,13 @@ impl Measurement {
         self
     }
 
+    /// Goal: ratio at most `max`.
+    pub(crate) fn ratio_at_most(mut self, max: f64) -> Self {
+        let met = self.ratio.is_some_and(|r| r <= max);
+        self.goal = Some(Goal { target: format!("ratio ≤ {max}"), met });
+        self
+    }
+
     /// Goal: value below `max`.
     pub(crate) fn below(mut self, max: f64) -> Self {
         self.goal = Some(Goal { target: format!("< {max} {}", self.unit), met: self.value < max });

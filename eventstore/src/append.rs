@@ -1,5 +1,7 @@
 //! Rules every backend's append shares: idempotent retries and conflicts.
 
+use std::collections::HashMap;
+
 use uuid::Uuid;
 
 use crate::{AppendResult, Error, ExpectedVersion, Position, Result, StreamName};
@@ -27,33 +29,45 @@ pub(crate) fn resolve_written(
     stream: &StreamName,
     expected: ExpectedVersion,
     batch: &[Uuid],
-    mut written: Vec<Written>,
+    written: Vec<Written>,
 ) -> Result<Option<AppendResult>> {
     if written.is_empty() {
         return Ok(None);
     }
-    let duplicate = |written: &[Written]| Error::DuplicateEvents {
-        stream: stream.clone(),
-        event_ids: batch.iter().copied().filter(|id| written.iter().any(|w| w.id == *id)).collect(),
-    };
-    if written.len() != batch.len() {
-        return Err(duplicate(&written));
+    // One pass to put the rows in batch order: a retry of an n-event batch costs O(n).
+    let place: HashMap<Uuid, usize> = batch.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let mut in_order: Vec<Option<&Written>> = vec![None; batch.len()];
+    for w in &written {
+        if let Some(&i) = place.get(&w.id) {
+            in_order[i] = Some(w);
+        }
     }
-    written.sort_by_key(|w| batch.iter().position(|id| *id == w.id));
-    let first = written[0].version;
-    let same_batch = written.iter().enumerate().all(|(i, w)| {
-        w.stream == stream.as_str() && w.id == batch[i] && Some(w.version) == first.checked_add(i as u64)
-    });
+    let duplicate = || {
+        let found: Vec<&Written> = in_order.iter().flatten().copied().collect();
+        Error::DuplicateEvents {
+            stream: stream.clone(),
+            event_ids: found.iter().map(|w| w.id).collect(),
+            written_at: found.iter().map(|w| (w.stream.clone(), w.version)).collect(),
+        }
+    };
+    let Some(rows) = in_order.iter().copied().collect::<Option<Vec<&Written>>>() else {
+        return Err(duplicate());
+    };
+    let first = rows[0].version;
+    let same_batch = rows
+        .iter()
+        .enumerate()
+        .all(|(i, w)| w.stream == stream.as_str() && Some(w.version) == first.checked_add(i as u64));
     let consistent = match expected {
         ExpectedVersion::Any | ExpectedVersion::StreamExists => true,
         ExpectedVersion::NoStream => first == 0,
         ExpectedVersion::Exact(v) => v.checked_add(1) == Some(first),
     };
     if !(same_batch && consistent) {
-        return Err(duplicate(&written));
+        return Err(duplicate());
     }
-    let version = written.last().map_or(first, |w| w.version);
-    Ok(Some(AppendResult::new(version, written.iter().map(|w| w.position).collect())))
+    let version = rows.last().map_or(first, |w| w.version);
+    Ok(Some(AppendResult::already_written(version, rows.iter().map(|w| w.position).collect())))
 }
 
 /// The version the first event of a batch gets, or the conflict if `expected` does not hold.

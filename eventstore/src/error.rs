@@ -88,13 +88,46 @@ pub enum Error {
 
     /// Some of the batch's event ids were already written, but not as this same batch at this
     /// place, so the append is neither new nor an idempotent retry.
-    #[error("stream {stream}: event ids {event_ids:?} were already written elsewhere or as part of another batch")]
+    #[error("stream {stream}: event ids {event_ids:?} were already written (at {}), elsewhere or as part of another batch",
+        written_at.iter().map(|(stream, version)| format!("{stream}@{version}")).collect::<Vec<_>>().join(", "))]
     DuplicateEvents {
         /// The stream appended to.
         stream: StreamName,
-        /// The ids of the batch that were already written.
+        /// The ids of the batch that were already written, in batch order.
         event_ids: Vec<Uuid>,
+        /// Where each of those ids is, in the same order: its stream and version.
+        written_at: Vec<(String, u64)>,
     },
+
+    /// A transaction appended to a stream whose last event was written by a younger
+    /// transaction (PostgreSQL, [`PgTransaction`](crate::PgTransaction) only). The global order
+    /// sorts events by their transaction's id, so this append's events would come before that
+    /// event, out of the stream's version order: refused, nothing written. It happens only to a
+    /// transaction that took its id (wrote anything) before another writer appended to the
+    /// stream and committed. Roll the transaction back and run it again; see
+    /// `docs/ordering.md`, "Per-stream order".
+    #[error(
+        "stream {stream} was appended to by a younger transaction since this transaction began writing; \
+         roll it back and retry in a new transaction"
+    )]
+    StaleTransaction {
+        /// The stream appended to.
+        stream: StreamName,
+    },
+
+    /// An argument is outside what the call accepts (a read with a limit of 0, for example).
+    /// Nothing was done.
+    #[error("invalid argument: {reason}")]
+    InvalidArgument {
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+
+    /// A stored event cannot be decoded (see [`UnreadableEvent`](crate::UnreadableEvent)). Reads
+    /// report it in the event's place; a read stream or a subscription that yields it goes on
+    /// with the next event when polled again, and a projection parks it as a dead letter.
+    #[error("stored event at position {} ({}@{}) cannot be read: {}", .0.position, .0.stream, .0.version, .0.reason)]
+    Unreadable(Box<crate::UnreadableEvent>),
 
     /// A stored event could not be decoded (corrupt or foreign data in the store's tables).
     #[error("stored event at {location} is invalid: {reason}")]
@@ -137,6 +170,25 @@ impl Error {
     /// `true` for an optimistic-concurrency [`Conflict`](Error::Conflict): reload and retry.
     pub fn is_conflict(&self) -> bool {
         matches!(self, Error::Conflict { .. })
+    }
+
+    /// `true` when the transaction the error came from must be run again from its start, in a
+    /// new transaction: a [`StaleTransaction`](Error::StaleTransaction), or a deadlock or
+    /// serialization failure the database reported (SQLSTATE 40P01, 40001), which happen to
+    /// transactions that append to several busy streams.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::StaleTransaction { .. } => true,
+            #[cfg(feature = "postgres")]
+            Error::Backend(source) => {
+                let code = source.downcast_ref::<sqlx::Error>().and_then(|e| match e {
+                    sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+                    _ => None,
+                });
+                matches!(code.as_deref(), Some("40P01" | "40001"))
+            }
+            _ => false,
+        }
     }
 
     #[cfg(any(feature = "postgres", feature = "sqlite"))]

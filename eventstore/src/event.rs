@@ -14,6 +14,18 @@ pub const MAX_EVENT_TYPE_LEN: usize = 255;
 /// The default limit on one event's encoded size (type, data and metadata): 1 MiB.
 pub const DEFAULT_MAX_EVENT_SIZE: usize = 1 << 20;
 
+/// The deepest nesting of arrays and objects accepted in an event's data, and in its metadata
+/// (counting the metadata object itself): 100 levels. Deeper JSON is refused with
+/// [`Error::UnsupportedData`], on every backend (JSON decoders limit recursion; see
+/// `docs/concepts.md`, "What can be stored").
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// The highest schema version accepted: 2^31 - 1 (PostgreSQL stores it in a 4-byte integer).
+pub const MAX_SCHEMA_VERSION: u32 = i32::MAX as u32;
+
+/// Metadata keys kept for the first-class fields; [`Metadata::with`] must not use them.
+pub const RESERVED_METADATA_KEYS: &[&str] = &["correlation_id", "causation_id"];
+
 /// An event's metadata: correlation and causation ids first-class, anything else free-form.
 ///
 /// It is stored as one JSON object: `correlation_id` and `causation_id` (when set) beside the
@@ -56,7 +68,8 @@ impl Metadata {
         self
     }
 
-    /// Adds a free-form field.
+    /// Adds a free-form field. The keys in [`RESERVED_METADATA_KEYS`] belong to the first-class
+    /// ids: an append whose metadata uses them is refused with [`Error::UnsupportedData`].
     pub fn with(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
         self.extra.insert(key.into(), value.into());
         self
@@ -180,6 +193,9 @@ pub(crate) struct EncodedEvent {
 }
 
 /// Checks a batch against every rule and encodes it, before anything is written.
+///
+/// The events come back in canonical form (see [`canonical_number`]), which is what every
+/// backend stores and reads back.
 pub(crate) fn encode_batch(events: Vec<NewEvent>, max_event_size: usize) -> Result<Vec<EncodedEvent>> {
     if events.is_empty() {
         return Err(Error::EmptyBatch);
@@ -187,16 +203,36 @@ pub(crate) fn encode_batch(events: Vec<NewEvent>, max_event_size: usize) -> Resu
     let mut seen = std::collections::HashSet::with_capacity(events.len());
     events
         .into_iter()
-        .map(|event| {
+        .map(|mut event| {
             validate_event_type(&event.event_type)?;
             if !seen.insert(event.id) {
                 return Err(Error::DuplicateEventInBatch { event_id: event.id });
             }
-            if has_nul(&event.data) || event.metadata.extra.iter().any(|(k, v)| k.contains('\0') || has_nul(v)) {
-                return Err(Error::UnsupportedData {
-                    event_id: event.id,
-                    reason: "JSON strings cannot contain NUL (\\u0000) characters",
-                });
+            let unsupported = |reason| Error::UnsupportedData { event_id: event.id, reason };
+            if event.schema_version > MAX_SCHEMA_VERSION {
+                return Err(unsupported("a schema version is at most 2147483647 (2^31 - 1)"));
+            }
+            if event.metadata.extra.keys().any(|k| RESERVED_METADATA_KEYS.contains(&k.as_str())) {
+                return Err(unsupported(
+                    "metadata keys correlation_id and causation_id are reserved: set them with \
+                     Metadata::with_correlation_id and Metadata::with_causation_id",
+                ));
+            }
+            let checked = check_json(&mut event.data, 0).and_then(|()| {
+                event.metadata.extra.iter_mut().try_for_each(|(key, value)| {
+                    if key.contains('\0') {
+                        return Err(NUL);
+                    }
+                    // The metadata object itself is the first level.
+                    check_json(value, 1)
+                })
+            });
+            if let Err(reason) = checked {
+                let error = unsupported(reason);
+                // Refused JSON may be nested far deeper than a recursive drop can go.
+                drop_flat(std::mem::take(&mut event.data));
+                std::mem::take(&mut event.metadata.extra).into_iter().for_each(|(_, v)| drop_flat(v));
+                return Err(error);
             }
             let data = encode_json(&event.data)?;
             let metadata = encode_json(&event.metadata)?;
@@ -209,12 +245,88 @@ pub(crate) fn encode_batch(events: Vec<NewEvent>, max_event_size: usize) -> Resu
         .collect()
 }
 
-fn has_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(has_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+const NUL: &str = "JSON strings cannot contain NUL (\\u0000) characters";
+
+/// Checks a JSON value against the store's rules (no NUL, at most [`MAX_JSON_DEPTH`] levels below
+/// `depth`) and puts its numbers in canonical form. Iterative, so a value nested far too deep is
+/// refused without a deep recursion.
+fn check_json(value: &mut Value, depth: usize) -> std::result::Result<(), &'static str> {
+    let mut pending: Vec<(&mut Value, usize)> = vec![(value, depth)];
+    while let Some((value, depth)) = pending.pop() {
+        let too_deep = "JSON data and metadata are nested at most 100 levels deep";
+        match value {
+            Value::String(s) if s.contains('\0') => return Err(NUL),
+            Value::Number(n) => canonical_number(n),
+            Value::Array(items) => {
+                if depth >= MAX_JSON_DEPTH {
+                    return Err(too_deep);
+                }
+                pending.extend(items.iter_mut().map(|item| (item, depth + 1)));
+            }
+            Value::Object(map) => {
+                if depth >= MAX_JSON_DEPTH {
+                    return Err(too_deep);
+                }
+                for (key, item) in map.iter_mut() {
+                    if key.contains('\0') {
+                        return Err(NUL);
+                    }
+                    pending.push((item, depth + 1));
+                }
+            }
+            Value::Null | Value::Bool(_) | Value::String(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks a snapshot against the rules events follow (nesting, NUL, schema version) and encodes
+/// its state, so that no backend stores a snapshot it cannot read back.
+pub(crate) fn encode_snapshot(snapshot: &crate::Snapshot) -> Result<(Value, String)> {
+    let invalid = |reason| Error::InvalidArgument { reason };
+    if snapshot.schema_version > MAX_SCHEMA_VERSION {
+        return Err(invalid("a snapshot's schema version is at most 2147483647 (2^31 - 1)"));
+    }
+    let mut state = snapshot.state.clone();
+    check_json(&mut state, 0).map_err(invalid)?;
+    let text = encode_json(&state)?;
+    Ok((state, text))
+}
+
+/// Drops a JSON value without recursion.
+fn drop_flat(value: Value) {
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        match value {
+            Value::Array(items) => pending.extend(items),
+            Value::Object(map) => pending.extend(map.into_iter().map(|(_, v)| v)),
+            _ => {}
+        }
+    }
+}
+
+/// Puts a number in the form every backend reads back. JSON text cannot tell `1e17` the float
+/// from `100000000000000000` the integer, and PostgreSQL keeps numbers as decimals: a float
+/// whose shortest text has a positive exponent (all are whole numbers, 1e16 and above) reads
+/// back from there as an integer when it fits one. So it is stored as that integer everywhere.
+fn canonical_number(n: &mut serde_json::Number) {
+    if !n.is_f64() {
+        return;
+    }
+    let text = n.to_string();
+    let Some((mantissa, exponent)) = text.split_once('e') else { return };
+    let Ok(exponent) = exponent.parse::<usize>() else { return }; // negative: a fraction
+    let (sign, mantissa) = mantissa.strip_prefix('-').map_or(("", mantissa), |m| ("-", m));
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let Some(zeros) = exponent.checked_sub(fraction.len()) else { return };
+    if whole.len() + fraction.len() + zeros > 20 {
+        return; // beyond u64 and i64 either way
+    }
+    let digits = format!("{sign}{whole}{fraction}{}", "0".repeat(zeros));
+    if let Ok(v) = digits.parse::<u64>() {
+        *n = v.into();
+    } else if let Ok(v) = digits.parse::<i64>() {
+        *n = v.into();
     }
 }
 
@@ -236,10 +348,132 @@ pub(crate) fn validate_event_type(event_type: &str) -> Result<()> {
     Err(Error::InvalidEventType { event_type: truncated(event_type), reason })
 }
 
-/// Decodes stored JSON text, naming the row if it is broken (SQLite stores JSON as text).
-#[cfg(feature = "sqlite")]
+/// Decodes stored JSON text, naming the row if it is broken.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) fn decode_json<T: DeserializeOwned>(text: &str, location: impl FnOnce() -> String) -> Result<T> {
     serde_json::from_str(text).map_err(|e| Error::Corrupt { location: location(), reason: e.to_string() })
+}
+
+/// A stored event that cannot be decoded: written by hand, by another program or an older
+/// version, or damaged. Reads, subscriptions and projections report it as
+/// [`Error::Unreadable`] in its place and go on past it; it carries the raw columns, so a
+/// projection can park it as a dead letter and an operator can see what is there.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct UnreadableEvent {
+    /// Its place in the global order.
+    pub position: Position,
+    /// Its stream, as stored.
+    pub stream: String,
+    /// Its version in the stream, as stored.
+    pub version: u64,
+    /// Its id, if that much could be read.
+    pub id: Option<Uuid>,
+    /// Its event type, as stored.
+    pub event_type: String,
+    /// Its data, as stored (JSON text, unless that is what is broken).
+    pub data: String,
+    /// Its metadata, as stored.
+    pub metadata: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Decodes rows in order, up to the first one that cannot be decoded: a page stops before an
+/// unreadable event, so that the next read starts at it and reports it alone. Returns the events
+/// and whether one stopped them; the unreadable event's error when it is the very first row.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn decode_rows<R>(
+    rows: &[R],
+    decode: impl Fn(&R) -> Result<RecordedEvent>,
+) -> Result<(Vec<RecordedEvent>, bool)> {
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        match decode(row) {
+            Ok(event) => events.push(event),
+            Err(Error::Unreadable(_)) if !events.is_empty() => return Ok((events, true)),
+            Err(error) => return Err(error),
+        }
+    }
+    Ok((events, false))
+}
+
+/// A stored event's columns as the SQL backends fetch them, before the store's rules are
+/// applied: the one place both decode, so they accept and refuse the same rows.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) struct StoredEvent {
+    pub(crate) position: Position,
+    /// The first column that could not even be fetched as its type, and why.
+    pub(crate) problem: Option<String>,
+    pub(crate) id: Option<Uuid>,
+    pub(crate) stream: String,
+    pub(crate) version: i64,
+    pub(crate) event_type: String,
+    pub(crate) schema_version: i64,
+    pub(crate) data: String,
+    pub(crate) metadata: String,
+    pub(crate) recorded_at: Option<DateTime<Utc>>,
+}
+
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+impl StoredEvent {
+    /// Fetches column `name` of a row, noting the first column that cannot be fetched in
+    /// `problem` (and returning the type's default for it).
+    pub(crate) fn column<T: Default>(
+        problem: &mut Option<String>,
+        name: &str,
+        fetched: std::result::Result<T, sqlx::Error>,
+    ) -> T {
+        fetched.unwrap_or_else(|e| {
+            problem.get_or_insert_with(|| format!("column {name}: {e}"));
+            T::default()
+        })
+    }
+
+    /// The event, or [`Error::Unreadable`] with the raw columns and the reason.
+    pub(crate) fn decode(self) -> Result<RecordedEvent> {
+        match self.try_decode() {
+            Ok(event) => Ok(event),
+            Err(reason) => Err(Error::Unreadable(Box::new(UnreadableEvent {
+                position: self.position,
+                version: u64::try_from(self.version).unwrap_or_default(),
+                id: self.id,
+                stream: self.stream,
+                event_type: self.event_type,
+                data: self.data,
+                metadata: self.metadata,
+                reason,
+            }))),
+        }
+    }
+
+    fn try_decode(&self) -> std::result::Result<RecordedEvent, String> {
+        if let Some(problem) = &self.problem {
+            return Err(problem.clone());
+        }
+        let id = self.id.ok_or("no event id")?;
+        let stream = StreamName::new(&self.stream).map_err(|e| e.to_string())?;
+        let version = u64::try_from(self.version).map_err(|_| format!("negative version {}", self.version))?;
+        validate_event_type(&self.event_type).map_err(|e| e.to_string())?;
+        let schema_version = u32::try_from(self.schema_version)
+            .ok()
+            .filter(|v| *v <= MAX_SCHEMA_VERSION)
+            .ok_or_else(|| format!("schema version {} is outside 0..=2147483647", self.schema_version))?;
+        let data = serde_json::from_str(&self.data).map_err(|e| format!("data: {e}"))?;
+        let metadata = serde_json::from_str(&self.metadata).map_err(|e| format!("metadata: {e}"))?;
+        let recorded_at = self.recorded_at.ok_or("recorded_at is out of range")?;
+        Ok(RecordedEvent {
+            id,
+            stream,
+            version,
+            position: self.position,
+            event_type: self.event_type.clone(),
+            schema_version,
+            data,
+            metadata,
+            recorded_at,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -275,5 +509,35 @@ mod tests {
         let ok = encode_batch(vec![NewEvent::new("T", json!({"a": 1}))], 100).unwrap();
         assert_eq!(ok[0].data, r#"{"a":1}"#);
         assert_eq!(ok[0].metadata, "{}");
+    }
+
+    #[test]
+    fn json_far_too_deep_is_refused_without_recursing() {
+        let mut value = Value::from(1);
+        for level in 0..100_000 {
+            value = if level % 2 == 0 {
+                Value::Array(vec![value])
+            } else {
+                Value::Object(std::iter::once(("k".to_owned(), value)).collect())
+            };
+        }
+        let deep = NewEvent::new("T", value);
+        assert!(matches!(encode_batch(vec![deep], 100), Err(Error::UnsupportedData { .. })));
+    }
+
+    #[test]
+    fn large_floats_become_the_integers_they_are() {
+        let canonical = |f: f64| {
+            let mut n = serde_json::Number::from_f64(f).unwrap();
+            canonical_number(&mut n);
+            Value::Number(n)
+        };
+        assert_eq!(canonical(1e16), json!(10_000_000_000_000_000u64));
+        assert_eq!(canonical(-1e16), json!(-10_000_000_000_000_000i64));
+        assert_eq!(canonical(1.2345678901234566e17), json!(123_456_789_012_345_660u64));
+        assert_eq!(canonical(1e15), json!(1e15));
+        assert_eq!(canonical(1e-7), json!(1e-7));
+        assert_eq!(canonical(1e20), json!(1e20));
+        assert!(canonical(1e20).is_f64());
     }
 }

@@ -87,8 +87,10 @@ impl<'a, S: EventStore + ?Sized> Follower<'a, S> {
     /// `select!` with a shutdown signal) loses nothing.
     ///
     /// # Errors
-    /// A failed read (the next call backs off first); [`crate::Error::Closed`] once the store is
-    /// closed.
+    /// [`crate::Error::Unreadable`] for an event that cannot be decoded, in its place (the
+    /// follower's position moves past it, so the next call goes on after it); another failed
+    /// read (the next call backs off first and reads again); [`crate::Error::Closed`] once the
+    /// store is closed.
     pub async fn next_page(&mut self) -> Result<Page> {
         loop {
             if let Some(wait) = self.wait.take()
@@ -120,6 +122,14 @@ impl<'a, S: EventStore + ?Sized> Follower<'a, S> {
                         }
                     }
                     return Ok(page);
+                }
+                Err(crate::Error::Unreadable(bad)) => {
+                    // Reported in its place; the next page starts after it.
+                    self.error_delay = None;
+                    self.from = self.from.max(bad.position);
+                    tracing::warn!(position = %bad.position, stream = %bad.stream, reason = %bad.reason,
+                        "follower passed an unreadable event");
+                    return Err(crate::Error::Unreadable(bad));
                 }
                 Err(error) => {
                     if !matches!(error, crate::Error::Closed) {

@@ -74,7 +74,10 @@ pub use crate::aggregate::{
 #[doc(inline)]
 pub use crate::error::{BoxError, Error, Result};
 #[doc(inline)]
-pub use crate::event::{DEFAULT_MAX_EVENT_SIZE, MAX_EVENT_TYPE_LEN, Metadata, NewEvent, RecordedEvent};
+pub use crate::event::{
+    DEFAULT_MAX_EVENT_SIZE, MAX_EVENT_TYPE_LEN, MAX_JSON_DEPTH, MAX_SCHEMA_VERSION, Metadata, NewEvent,
+    RESERVED_METADATA_KEYS, RecordedEvent, UnreadableEvent,
+};
 #[doc(inline)]
 pub use crate::filter::{Filter, partition_of};
 #[doc(inline)]

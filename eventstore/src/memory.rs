@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use crate::append::{Written, first_version, resolve_written};
-use crate::event::{DEFAULT_MAX_EVENT_SIZE, encode_batch};
+use crate::event::{DEFAULT_MAX_EVENT_SIZE, encode_batch, encode_snapshot};
+use crate::store::check_limit;
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
     AppendResult, Direction, EventStore, ExpectedVersion, Filter, NewEvent, Page, Position, RecordedEvent, Result,
@@ -134,6 +135,7 @@ impl EventStore for MemoryEventStore {
         from: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>> {
+        check_limit(limit)?;
         let log = self.read();
         let Some(indexes) = log.streams.get(stream) else { return Ok(Vec::new()) };
         // Versions are dense from 0, so a version is its index in the stream.
@@ -146,8 +148,9 @@ impl EventStore for MemoryEventStore {
     }
 
     async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page> {
+        check_limit(limit)?;
         let log = self.read();
-        let start = usize::try_from(from.sequence()).unwrap_or(usize::MAX).min(log.events.len());
+        let start = usize::try_from(from.flat_sequence()).unwrap_or(usize::MAX).min(log.events.len());
         let mut events = Vec::new();
         let mut next = from;
         for event in &log.events[start..] {
@@ -162,6 +165,11 @@ impl EventStore for MemoryEventStore {
         Ok(Page::new(events, next))
     }
 
+    async fn read_event(&self, id: uuid::Uuid) -> Result<Option<RecordedEvent>> {
+        let log = self.read();
+        Ok(log.ids.get(&id).map(|&i| log.events[i].clone()))
+    }
+
     async fn head(&self) -> Result<Position> {
         Ok(self.read().events.len().checked_sub(1).map_or(Position::START, position_of))
     }
@@ -171,6 +179,8 @@ impl EventStore for MemoryEventStore {
     }
 
     async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
+        let (state, _) = encode_snapshot(snapshot)?;
+        let snapshot = &Snapshot::new(snapshot.version, snapshot.schema_version, state);
         let mut log = self.write();
         let newer = |old: &Snapshot| old.version < snapshot.version || old.schema_version != snapshot.schema_version;
         if log.snapshots.get(stream).is_none_or(newer) {

@@ -50,6 +50,13 @@ impl Position {
     pub const fn sequence(self) -> u64 {
         self.sequence
     }
+
+    /// For a backend whose events are all at `(0, n)`: the sequence number this position stands
+    /// for. A position with a transaction part comes after every such event: the end.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) const fn flat_sequence(self) -> u64 {
+        if self.transaction == 0 { self.sequence } else { u64::MAX }
+    }
 }
 
 impl fmt::Display for Position {

@@ -1,7 +1,7 @@
 //! The `EventStore` trait every backend implements.
 
 use async_trait::async_trait;
-use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use futures::stream::{self, BoxStream, StreamExt};
 
 use crate::subscription::{self, SubscriptionOptions, Wakeup};
 use crate::{AppendResult, ExpectedVersion, Filter, NewEvent, Position, RecordedEvent, Result, Snapshot, StreamName};
@@ -49,7 +49,8 @@ impl ReadStream {
         self
     }
 
-    /// Returns at most `limit` events.
+    /// Returns at most `limit` events. A limit of 0 makes the read fail with
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument).
     pub fn limit(mut self, limit: usize) -> Self {
         self.limit = Some(limit);
         self
@@ -75,6 +76,14 @@ impl Default for ReadStream {
 
 /// Events fetched per round trip unless a read says otherwise.
 pub const DEFAULT_PAGE_SIZE: usize = 512;
+
+/// Refuses a read of at most 0 events, as every backend does.
+pub(crate) fn check_limit(limit: usize) -> Result<()> {
+    if limit == 0 {
+        return Err(crate::Error::InvalidArgument { reason: "a read's limit must be at least 1" });
+    }
+    Ok(())
+}
 
 /// One page of the global log.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -166,6 +175,13 @@ pub trait EventStore: Send + Sync {
     /// A stream that does not exist reads as empty.
     ///
     /// Most callers want [`EventStore::read_stream`], which pages through this.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a `limit` of 0;
+    /// [`Error::Unreadable`](crate::Error::Unreadable) for the first event of the page that
+    /// cannot be decoded (the whole page fails: [`EventStore::read_stream`] then reads up to it
+    /// one event at a time); [`Error::Closed`](crate::Error::Closed),
+    /// [`Error::Backend`](crate::Error::Backend).
     async fn read_stream_page(
         &self,
         stream: &StreamName,
@@ -179,8 +195,22 @@ pub trait EventStore: Send + Sync {
     ///
     /// The page never has a hole: no event will later appear between `from` and the page's
     /// `next` position (on PostgreSQL, events of transactions still open are not returned until
-    /// every earlier transaction has finished; see `docs/ordering.md`).
+    /// every earlier transaction has finished; see `docs/ordering.md`). A `from` past the head
+    /// reads an empty page whose `next` is `from`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a `limit` of 0;
+    /// [`Error::Unreadable`](crate::Error::Unreadable) when the first event to return cannot be
+    /// decoded (a page stops before such an event, so the next read starts at it);
+    /// [`Error::Closed`](crate::Error::Closed), [`Error::Backend`](crate::Error::Backend).
     async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page>;
+
+    /// The event with id `id`, wherever it is (`None` if no event has it).
+    ///
+    /// # Errors
+    /// [`Error::Unreadable`](crate::Error::Unreadable) if it cannot be decoded;
+    /// [`Error::Closed`](crate::Error::Closed), [`Error::Backend`](crate::Error::Backend).
+    async fn read_event(&self, id: uuid::Uuid) -> Result<Option<RecordedEvent>>;
 
     /// The position of the last event visible in the global order ([`Position::START`] if the
     /// store is empty).
@@ -227,54 +257,88 @@ pub trait EventStore: Send + Sync {
     fn wakeup(&self) -> Wakeup;
 
     /// Reads one stream as a stream of events, fetching a page at a time.
+    ///
+    /// An event that cannot be decoded is yielded as [`Error::Unreadable`](crate::Error::Unreadable)
+    /// in its place, and the read goes on after it; any other error ends the read.
     fn read_stream<'a>(&'a self, stream: &'a StreamName, read: ReadStream) -> BoxStream<'a, Result<RecordedEvent>> {
         let from = read.from.unwrap_or(match read.direction {
             Direction::Forwards => 0,
             Direction::Backwards => u64::MAX,
         });
-        let state = (Some(from), read.limit.unwrap_or(usize::MAX));
-        stream::try_unfold(state, move |(from, remaining)| async move {
-            let Some(from) = from.filter(|_| remaining > 0) else { return Ok::<_, crate::Error>(None) };
-            let want = remaining.min(read.page_size);
-            let page = self.read_stream_page(stream, read.direction, from, want).await?;
-            let next = if page.len() < want {
-                None
-            } else {
-                page.last().and_then(|last| match read.direction {
-                    Direction::Forwards => last.version.checked_add(1),
-                    Direction::Backwards => last.version.checked_sub(1),
-                })
+        let after = move |version: u64| match read.direction {
+            Direction::Forwards => version.checked_add(1),
+            Direction::Backwards => version.checked_sub(1),
+        };
+        let start = match read.limit.map_or(Ok(()), check_limit) {
+            Ok(()) => Some((from, read.limit.unwrap_or(usize::MAX))),
+            Err(error) => return stream::once(async { Err(error) }).boxed(),
+        };
+        // The state: where to read next, how many events may still be returned, and whether
+        // the last page held an unreadable event (then pages of one event pass it).
+        stream::unfold(start.map(|(from, remaining)| (from, remaining, false)), move |state| async move {
+            let (from, remaining, careful) = state.filter(|(_, remaining, _)| *remaining > 0)?;
+            let want = if careful { 1 } else { remaining.min(read.page_size) };
+            let (items, next) = match self.read_stream_page(stream, read.direction, from, want).await {
+                Ok(page) => {
+                    let next = if page.len() < want { None } else { page.last().and_then(|e| after(e.version)) };
+                    let remaining = remaining - page.len();
+                    (page.into_iter().map(Ok).collect(), next.map(|next| (next, remaining, careful)))
+                }
+                // Not at `from`: the page had good events before it. Read them one by one.
+                Err(crate::Error::Unreadable(bad)) if bad.version != from && !careful => {
+                    (vec![], Some((from, remaining, true)))
+                }
+                // At `from`: reported in its place, and the read goes on after it. (Read alone
+                // but stored with a version that cannot be read: reported, and the read ends.)
+                Err(crate::Error::Unreadable(bad)) => {
+                    let next = after(from).filter(|_| bad.version == from).map(|next| (next, remaining - 1, false));
+                    (vec![Err(crate::Error::Unreadable(bad))], next)
+                }
+                Err(error) => (vec![Err(error)], None),
             };
-            let remaining = remaining - page.len();
-            Ok(Some((stream::iter(page.into_iter().map(Ok)), (next, remaining))))
+            Some((stream::iter(items), next))
         })
-        .try_flatten()
+        .flatten()
         .boxed()
     }
 
     /// Reads the global log after `from`, filtered, up to the head as it was when the read began.
+    ///
+    /// An event that cannot be decoded is yielded as [`Error::Unreadable`](crate::Error::Unreadable)
+    /// in its place, and the read goes on after it; any other error ends the read.
     fn read_all<'a>(&'a self, from: Position, filter: Filter) -> BoxStream<'a, Result<RecordedEvent>> {
-        let state = (from, None::<Position>, false);
-        stream::try_unfold(state, move |(from, head, done)| {
+        stream::unfold(Some((from, None::<Position>)), move |state| {
             let filter = filter.clone();
             async move {
-                if done {
-                    return Ok::<_, crate::Error>(None);
-                }
+                let (from, head) = state?;
                 let head = match head {
                     Some(head) => head,
-                    None => self.head().await?,
+                    None => match self.head().await {
+                        Ok(head) => head,
+                        Err(error) => return Some((stream::iter(vec![Err(error)]), None)),
+                    },
                 };
                 if from >= head {
-                    return Ok::<_, crate::Error>(None);
+                    return None;
                 }
-                let page = self.read_all_page(from, &filter, DEFAULT_PAGE_SIZE).await?;
-                let done = page.events.is_empty() || page.next >= head;
-                let events: Vec<_> = page.events.into_iter().filter(|e| e.position <= head).map(Ok).collect();
-                Ok(Some((stream::iter(events), (page.next, Some(head), done))))
+                let (items, next) = match self.read_all_page(from, &filter, DEFAULT_PAGE_SIZE).await {
+                    Ok(page) => {
+                        let done = page.events.is_empty() || page.next >= head;
+                        let items = page.events.into_iter().filter(|e| e.position <= head).map(Ok).collect();
+                        (items, (!done).then_some((page.next, Some(head))))
+                    }
+                    Err(crate::Error::Unreadable(bad)) => {
+                        let next = (bad.position, Some(head));
+                        let items =
+                            if bad.position <= head { vec![Err(crate::Error::Unreadable(bad))] } else { vec![] };
+                        (items, Some(next))
+                    }
+                    Err(error) => (vec![Err(error)], None),
+                };
+                Some((stream::iter(items), next))
             }
         })
-        .try_flatten()
+        .flatten()
         .boxed()
     }
 
@@ -285,6 +349,8 @@ pub trait EventStore: Send + Sync {
     /// slow consumer slows its own subscription and nothing else. Between pages it waits for a
     /// [wake-up](EventStore::wakeup) or its poll interval. Errors are yielded as items and the
     /// subscription carries on after a back-off; [`Error::Closed`](crate::Error::Closed) ends it.
+    /// An event that cannot be decoded is yielded as [`Error::Unreadable`](crate::Error::Unreadable)
+    /// in its place, and the subscription goes on with the next event at once.
     fn subscribe<'a>(&'a self, from: Position, filter: Filter) -> BoxStream<'a, Result<RecordedEvent>> {
         self.subscribe_with(from, filter, SubscriptionOptions::default())
     }

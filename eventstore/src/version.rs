@@ -55,16 +55,25 @@ impl fmt::Display for ExpectedVersion {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AppendResult {
-    /// The stream's version after the append: the version of the batch's last event. Pass
-    /// `ExpectedVersion::Exact(version)` to append after it.
+    /// The version of the batch's last event. After a new append it is the stream's version:
+    /// pass `ExpectedVersion::Exact(version)` to append after it. After an idempotent retry
+    /// ([`already_written`](AppendResult::already_written)) it is where the batch was written
+    /// the first time, which the stream may have moved past since.
     pub version: u64,
     /// The global position of each event of the batch, in batch order.
     pub positions: Vec<Position>,
+    /// `true` when nothing was written because this batch was already in the stream: the
+    /// append was an idempotent retry, answered with the first append's result.
+    pub already_written: bool,
 }
 
 impl AppendResult {
     pub(crate) fn new(version: u64, positions: Vec<Position>) -> Self {
-        AppendResult { version, positions }
+        AppendResult { version, positions, already_written: false }
+    }
+
+    pub(crate) fn already_written(version: u64, positions: Vec<Position>) -> Self {
+        AppendResult { version, positions, already_written: true }
     }
 
     /// The position of the batch's last event: wait for a subscriber to pass it to read your

@@ -174,7 +174,20 @@ impl Worker<'_> {
             };
             let page = match page {
                 Ok(page) => page,
+                Err(error @ annal_eventstore::Error::Unreadable(_)) => {
+                    // The follower went past it, but the checkpoint may not: read it again
+                    // from the checkpoint after a pause, as any failed read.
+                    failures += 1;
+                    let pause = RetryPolicy::default().pause(failures);
+                    tracing::warn!(projection = self.name(), %error, ?pause, "reading events failed; retrying");
+                    follower.seek(checkpoint);
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(pause) => continue,
+                    }
+                }
                 Err(error) => {
+                    // The follower backs off before its next read.
                     tracing::warn!(projection = self.name(), %error, "reading events failed; retrying");
                     continue;
                 }

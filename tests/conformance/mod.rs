@@ -23,7 +23,11 @@ macro_rules! suite {
             concurrent_writers_are_seen_once_in_order, subscription_catches_up_then_follows_live,
             slow_subscriber_does_not_block_writers, large_batch_is_atomic, json_round_trips_exactly,
             snapshots_keep_the_newest, partitions_split_the_log_in_the_store,
-            many_subscriptions_each_get_exactly_their_events);
+            many_subscriptions_each_get_exactly_their_events,
+            what_can_be_stored_reads_back_and_the_rest_is_refused, numbers_read_back_alike,
+            positions_past_the_head_read_nothing, a_limit_of_zero_is_an_argument_error,
+            forty_concurrent_appenders_in_every_mode, a_retry_racing_a_conflicting_append_ends_one_way,
+            generated_events_round_trip_as_in_memory);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
         $(
@@ -52,21 +56,7 @@ fn events(range: std::ops::Range<usize>) -> Vec<NewEvent> {
     range.map(event).collect()
 }
 
-/// Waits until the global log's visible head reaches `position`. On PostgreSQL a committed event
-/// becomes visible once every older transaction in the cluster has ended (docs/ordering.md).
-async fn visible<S: EventStore>(store: &S, position: Position) -> Position {
-    let mut wakeup = store.wakeup();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        wakeup.mark_seen();
-        let head = store.head().await.unwrap();
-        if head >= position {
-            return head;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{position} never became visible (head {head})");
-        wakeup.wait(Duration::from_millis(20)).await;
-    }
-}
+use crate::support::visible;
 
 /// Appends a marker event and waits until it is visible: every event written before it is then
 /// visible too. Returns its position.
@@ -196,11 +186,13 @@ pub(crate) async fn idempotent_retries<S: EventStore>(store: S) {
         let head = settle(&store).await;
         // The same batch again, in the same mode: the original result, nothing written.
         let retried = store.append(&s, expected, batch.clone()).await.unwrap();
-        assert_eq!(retried, original, "{expected:?}");
+        assert!(!original.already_written && retried.already_written, "{expected:?}: the retry says so");
+        assert_eq!((retried.version, &retried.positions), (original.version, &original.positions), "{expected:?}");
         assert_nothing_written_since(&store, head, &format!("a retry with {expected:?}")).await;
-        // Still idempotent after the stream moved on.
+        // Still idempotent after the stream moved on: the version is where the batch was written.
         store.append(&s, ExpectedVersion::Any, events(20..21)).await.unwrap();
-        assert_eq!(store.append(&s, expected, batch).await.unwrap(), original, "{expected:?} after more events");
+        let late = store.append(&s, expected, batch).await.unwrap();
+        assert_eq!(late, retried, "{expected:?} after more events");
         assert_eq!(stream_events(&store, &s).await.len() as u64, original.version + 2);
     }
 }
@@ -208,6 +200,7 @@ pub(crate) async fn idempotent_retries<S: EventStore>(store: S) {
 pub(crate) async fn duplicates_that_are_not_retries<S: EventStore>(store: S) {
     let s = stream("dup-1");
     let batch = events(0..3);
+    let batch_ids: Vec<Uuid> = batch.iter().map(|e| e.id).collect();
     store.append(&s, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
     let head = settle(&store).await;
     let fresh = event(9);
@@ -230,9 +223,15 @@ pub(crate) async fn duplicates_that_are_not_retries<S: EventStore>(store: S) {
     ];
     for (name, expected, batch, dup_ids) in cases {
         match store.append(&name, expected, batch).await {
-            Err(Error::DuplicateEvents { stream, event_ids }) => {
+            Err(Error::DuplicateEvents { stream, event_ids, written_at }) => {
                 assert_eq!(stream, name);
                 assert_eq!(event_ids, dup_ids);
+                // Each id's place: the stream and version where it was written.
+                let places: Vec<(String, u64)> = dup_ids
+                    .iter()
+                    .map(|id| ("dup-1".to_owned(), batch_ids.iter().position(|b| b == id).unwrap() as u64))
+                    .collect();
+                assert_eq!(written_at, places);
             }
             other => panic!("{name} {expected:?}: expected DuplicateEvents, got {other:?}"),
         }
@@ -539,6 +538,15 @@ pub(crate) async fn snapshots_keep_the_newest<S: EventStore>(store: S) {
     store.save_snapshot(&s, &v2).await.unwrap();
     assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(v2));
     assert_eq!(store.load_snapshot(&stream("snap-2")).await.unwrap(), None);
+    // Snapshots follow the rules events do: nothing is stored that cannot be read back.
+    for bad in [annal::Snapshot::new(20, 1 << 31, json!({})), annal::Snapshot::new(20, 2, nested(101))] {
+        let refused = store.save_snapshot(&s, &bad).await;
+        assert!(matches!(refused, Err(Error::InvalidArgument { .. })), "{refused:?}");
+    }
+    let big = annal::Snapshot::new(21, 2, json!({ "total": 1e16, "deep": nested(99) }));
+    store.save_snapshot(&s, &big).await.unwrap();
+    let loaded = store.load_snapshot(&s).await.unwrap().unwrap();
+    assert_eq!(loaded.state, json!({ "total": 10_000_000_000_000_000u64, "deep": nested(99) }));
 }
 
 /// Reads every event `filter` selects, in small pages (so pages move past unselected events).
@@ -656,5 +664,353 @@ pub(crate) async fn many_subscriptions_each_get_exactly_their_events<S: EventSto
         // Each got the selected events in global order, none twice, up to its first `Last`.
         assert_eq!(got, expected[..got.len()], "subscription {i}");
         assert!(got.len() > 1, "subscription {i} got only {got:?}");
+    }
+}
+
+/// `depth` levels of arrays and objects around a number, alternating.
+fn nested(depth: usize) -> serde_json::Value {
+    use serde_json::Value;
+    // Not `json!`, which copies its arguments recursively.
+    let mut value = Value::from(1);
+    for level in 0..depth {
+        value = if level % 2 == 0 {
+            Value::Array(vec![value])
+        } else {
+            Value::Object(std::iter::once(("k".to_owned(), value)).collect())
+        };
+    }
+    value
+}
+
+fn is_unsupported(result: &annal::Result<annal::AppendResult>) -> bool {
+    matches!(result, Err(Error::UnsupportedData { .. }))
+}
+
+/// The limits of what can be stored (docs/concepts.md, "What can be stored"): at the limit it
+/// reads back equal, past it every backend refuses it alike and writes nothing. Each case of
+/// the review that found events accepted and then unreadable is here.
+pub(crate) async fn what_can_be_stored_reads_back_and_the_rest_is_refused<S: EventStore>(store: S) {
+    let s = stream("limits-1");
+    store.append(&s, ExpectedVersion::NoStream, events(0..1)).await.unwrap();
+    let head = settle(&store).await;
+    let at = |data| NewEvent::new("Limit", data);
+    // Nesting: 100 levels read back; 101, 129 and 100,000 are refused.
+    for depth in [101, 129, 100_000] {
+        let refused = store.append(&s, ExpectedVersion::Any, vec![at(nested(depth))]).await;
+        assert!(is_unsupported(&refused), "{depth} levels: {refused:?}");
+    }
+    let meta_deep = Metadata::default().with("deep", nested(100));
+    let refused = store.append(&s, ExpectedVersion::Any, vec![at(json!(1)).with_metadata(meta_deep)]).await;
+    assert!(is_unsupported(&refused), "metadata 101 levels deep (its object counts): {refused:?}");
+    // Reserved metadata keys, alone or beside the first-class id.
+    for meta in [
+        Metadata::default().with("correlation_id", "not-a-uuid"),
+        Metadata::default().with("causation_id", 42),
+        Metadata::default().with_correlation_id(Uuid::now_v7()).with("correlation_id", "x"),
+    ] {
+        let refused = store.append(&s, ExpectedVersion::Any, vec![at(json!(1)).with_metadata(meta.clone())]).await;
+        assert!(is_unsupported(&refused), "{meta:?}: {refused:?}");
+    }
+    // Schema versions above 2^31 - 1.
+    for version in [1u32 << 31, u32::MAX] {
+        let refused = store.append(&s, ExpectedVersion::Any, vec![at(json!(1)).with_schema_version(version)]).await;
+        assert!(is_unsupported(&refused), "schema version {version}: {refused:?}");
+    }
+    assert_nothing_written_since(&store, head, "refused data").await;
+
+    let meta = Metadata::default().with_correlation_id(Uuid::now_v7()).with("deep", nested(99)).with("", "empty key");
+    let accepted = vec![
+        at(nested(100)),
+        at(json!(1)).with_metadata(meta.clone()),
+        at(json!(1)).with_schema_version(annal::MAX_SCHEMA_VERSION),
+        at(json!(1)).with_schema_version(0),
+    ];
+    store.append(&s, ExpectedVersion::Exact(0), accepted.clone()).await.unwrap();
+    let read = stream_events(&store, &s).await;
+    assert_eq!(read[1].data, nested(100));
+    assert_eq!(read[2].metadata, meta);
+    assert_eq!(read[3].schema_version, annal::MAX_SCHEMA_VERSION);
+    assert_eq!(read[4].schema_version, 0);
+    // Every read path returns them: the global log too.
+    let last = settle(&store).await;
+    let all: Vec<_> = store.read_all(Position::START, Filter::all()).try_collect().await.unwrap();
+    assert_eq!(all.iter().filter(|e| e.stream == s).count(), 5);
+    assert_eq!(all.last().unwrap().position, last);
+}
+
+/// Numbers read back as every backend stores them: integers and fractions exactly; a float
+/// whose shortest text has a positive exponent (a whole number, 1e16 and above) as the integer
+/// it is when one fits (PostgreSQL keeps numbers as decimals, and JSON text cannot tell them
+/// apart).
+pub(crate) async fn numbers_read_back_alike<S: EventStore>(store: S) {
+    let s = stream("numbers-1");
+    let cases = [
+        (json!(0.1), json!(0.1)),
+        (json!(-0.0), json!(0.0)),
+        (json!(1e-7), json!(1e-7)),
+        (json!(5e-324), json!(5e-324)),
+        (json!(f64::MAX), json!(f64::MAX)),
+        (json!(1e15), json!(1e15)),
+        (json!(123456789.0), json!(123456789.0)),
+        (json!(1e16), json!(10_000_000_000_000_000u64)),
+        (json!(-1e16), json!(-10_000_000_000_000_000i64)),
+        (json!(1.2345678901234566e17), json!(123_456_789_012_345_660u64)),
+        (json!(1.8446744073709552e19), json!(1.8446744073709552e19)), // 2^64: no integer holds it
+        (json!(1e300), json!(1e300)),
+        (json!(u64::MAX), json!(u64::MAX)),
+        (json!(i64::MIN), json!(i64::MIN)),
+        (
+            json!({ "in": [1e16, { "deep": 2e17 }] }),
+            json!({ "in": [10_000_000_000_000_000u64, { "deep": 200_000_000_000_000_000u64 }] }),
+        ),
+    ];
+    let batch: Vec<_> = cases.iter().map(|(given, _)| NewEvent::new("Number", given.clone())).collect();
+    let metadata = Metadata::default().with("n", 1e16);
+    let mut batch = batch;
+    batch[0] = batch[0].clone().with_metadata(metadata);
+    store.append(&s, ExpectedVersion::NoStream, batch).await.unwrap();
+    let read = stream_events(&store, &s).await;
+    for ((given, expected), event) in cases.iter().zip(&read) {
+        assert_eq!(&event.data, expected, "{given} read back as {}", event.data);
+    }
+    assert_eq!(read[0].metadata.extra["n"], json!(10_000_000_000_000_000u64));
+}
+
+/// A position past the head (on PostgreSQL, one with a transaction id no event has yet) reads
+/// nothing and counts nothing, on every backend.
+pub(crate) async fn positions_past_the_head_read_nothing<S: EventStore>(store: S) {
+    store.append(&stream("past-1"), ExpectedVersion::NoStream, events(0..5)).await.unwrap();
+    let head = settle(&store).await;
+    for past in
+        [Position::new(u64::MAX, 0), Position::new(u64::MAX, u64::MAX), Position::new(head.transaction() + 1, 0)]
+    {
+        let page = store.read_all_page(past, &Filter::all(), 10).await.unwrap();
+        assert!(page.events.is_empty(), "{past}: {:?}", page.events);
+        assert_eq!(page.next, past);
+        let filtered = store.read_all_page(past, &Filter::categories(["past"]), 10).await.unwrap();
+        assert!(filtered.events.is_empty() && filtered.next == past, "{past}: {filtered:?}");
+        assert!(store.read_all(past, Filter::all()).try_collect::<Vec<_>>().await.unwrap().is_empty());
+        assert_eq!(store.count(past, Position::new(u64::MAX, u64::MAX), &Filter::all()).await.unwrap(), 0);
+    }
+    assert_eq!(store.count(Position::START, Position::new(u64::MAX, u64::MAX), &Filter::all()).await.unwrap(), 6);
+}
+
+/// A read of at most 0 events is an argument error, on every backend and every read.
+pub(crate) async fn a_limit_of_zero_is_an_argument_error<S: EventStore>(store: S) {
+    let s = stream("zero-1");
+    store.append(&s, ExpectedVersion::NoStream, events(0..3)).await.unwrap();
+    fn invalid<T>(r: &annal::Result<T>) -> bool {
+        matches!(r, Err(Error::InvalidArgument { .. }))
+    }
+    assert!(invalid(&store.read_stream_page(&s, Direction::Forwards, 0, 0).await));
+    assert!(invalid(&store.read_all_page(Position::START, &Filter::all(), 0).await));
+    let read: Vec<_> = store.read_stream(&s, ReadStream::forwards().limit(0)).collect().await;
+    assert!(read.len() == 1 && invalid(&read[0]), "{read:?}");
+    // The page size is not a limit: 0 means 1.
+    let paged: Vec<_> = store.read_stream(&s, ReadStream::forwards().page_size(0)).try_collect().await.unwrap();
+    assert_eq!(paged.len(), 3);
+}
+
+/// 40 concurrent appenders on one stream in each expected-version mode: `Any` and
+/// `StreamExists` all succeed (none fails for losing a race), `Exact` and `NoStream` have
+/// exactly one winner, and the stream holds exactly what the winners wrote, in version order.
+pub(crate) async fn forty_concurrent_appenders_in_every_mode<S: EventStore + Clone + 'static>(store: S) {
+    const WRITERS: usize = 40;
+    let modes =
+        [ExpectedVersion::Any, ExpectedVersion::StreamExists, ExpectedVersion::Exact(4), ExpectedVersion::NoStream];
+    for (m, mode) in modes.into_iter().enumerate() {
+        let s = stream(&format!("forty-{m}"));
+        if mode != ExpectedVersion::NoStream {
+            store.append(&s, ExpectedVersion::NoStream, events(0..5)).await.unwrap();
+        }
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(WRITERS));
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|i| {
+                let (store, s, start) = (store.clone(), s.clone(), start.clone());
+                tokio::spawn(async move {
+                    let e = event(100 + i);
+                    let id = e.id;
+                    start.wait().await;
+                    (id, store.append(&s, mode, vec![e]).await)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (id, Ok(written)) => winners.push((written.version, id)),
+                (_, Err(e)) => {
+                    assert!(e.is_conflict(), "{mode:?}: {e}");
+                    assert!(
+                        matches!(mode, ExpectedVersion::Exact(_) | ExpectedVersion::NoStream),
+                        "{mode:?} failed: {e}"
+                    );
+                }
+            }
+        }
+        let expected_winners = match mode {
+            ExpectedVersion::Any | ExpectedVersion::StreamExists => WRITERS,
+            _ => 1,
+        };
+        assert_eq!(winners.len(), expected_winners, "{mode:?}");
+        winners.sort();
+        let read = stream_events(&store, &s).await;
+        let first_new = if mode == ExpectedVersion::NoStream { 0 } else { 5 };
+        assert_eq!(read.len(), first_new + winners.len(), "{mode:?}");
+        let tail: Vec<_> = read[first_new..].iter().map(|e| (e.version, e.id)).collect();
+        assert_eq!(tail, winners, "{mode:?}: the stream holds the winners at the versions they were told");
+    }
+}
+
+/// An idempotent retry racing a conflicting append: either the batch was written (its first
+/// append and the retry both say so, the other append conflicts) or the other append won (and
+/// the batch's appends both conflict). Never a mix.
+pub(crate) async fn a_retry_racing_a_conflicting_append_ends_one_way<S: EventStore + Clone + 'static>(store: S) {
+    for round in 0..20 {
+        let s = stream(&format!("retry-race-{round}"));
+        store.append(&s, ExpectedVersion::NoStream, events(0..1)).await.unwrap();
+        let batch = events(1..3);
+        let other = events(10..11);
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(3));
+        let spawn = |batch: Vec<NewEvent>| {
+            let (store, s, start) = (store.clone(), s.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                store.append(&s, ExpectedVersion::Exact(0), batch).await
+            })
+        };
+        let (first, retry, rival) = (spawn(batch.clone()), spawn(batch.clone()), spawn(other.clone()));
+        let (first, retry, rival) = (first.await.unwrap(), retry.await.unwrap(), rival.await.unwrap());
+        let read: Vec<Uuid> = stream_events(&store, &s).await.iter().skip(1).map(|e| e.id).collect();
+        if read == batch.iter().map(|e| e.id).collect::<Vec<_>>() {
+            let (a, b) = (first.unwrap(), retry.unwrap());
+            assert_eq!((a.version, &a.positions), (b.version, &b.positions), "round {round}");
+            assert!(a.already_written != b.already_written, "round {round}: exactly one of them wrote");
+            assert!(rival.unwrap_err().is_conflict(), "round {round}");
+        } else {
+            assert_eq!(read, vec![other[0].id], "round {round}: one outcome or the other");
+            assert!(rival.is_ok(), "round {round}");
+            assert!(first.unwrap_err().is_conflict() && retry.unwrap_err().is_conflict(), "round {round}");
+        }
+    }
+}
+
+/// Generated events (deep and wide JSON, unicode, large and fractional numbers, arbitrary
+/// metadata keys among them the reserved ones, the whole `u32` range of schema versions) are
+/// accepted or refused by this backend exactly as by the in-memory store, and read back equal
+/// to what the in-memory store reads back, which is what was appended (numbers in canonical
+/// form, see `numbers_read_back_alike`).
+pub(crate) async fn generated_events_round_trip_as_in_memory<S: EventStore>(store: S) {
+    use proptest::strategy::{Strategy, ValueTree};
+    let model = annal::MemoryEventStore::new();
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let batches = proptest::collection::vec(generated::event(), 1..4);
+    for case in 0..96 {
+        let batch = batches.new_tree(&mut runner).unwrap().current();
+        let s = stream(&format!("generated-{case}"));
+        let got = store.append(&s, ExpectedVersion::NoStream, batch.clone()).await;
+        let want = model.append(&s, ExpectedVersion::NoStream, batch.clone()).await;
+        match (&got, &want) {
+            (Ok(_), Ok(_)) => {}
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "case {case}: refused alike"),
+            _ => panic!("case {case}: backend {got:?}, memory {want:?} for {batch:?}"),
+        }
+        let read = stream_events(&store, &s).await;
+        let expected = stream_events(&model, &s).await;
+        assert_eq!(read.len(), expected.len(), "case {case}");
+        for ((got, want), given) in read.iter().zip(&expected).zip(&batch) {
+            let fields = |e: &RecordedEvent| {
+                (e.id, e.version, e.event_type.clone(), e.schema_version, e.data.clone(), e.metadata.clone())
+            };
+            assert_eq!(fields(got), fields(want), "case {case}: as the in-memory store reads it");
+            assert!(generated::same_json(&want.data, &given.data), "case {case}: {} vs {}", want.data, given.data);
+        }
+    }
+}
+
+mod generated {
+    use annal::{Metadata, NewEvent};
+    use proptest::prelude::*;
+    use serde_json::{Number, Value};
+
+    fn number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            (-1e20f64..1e20).prop_map(|f| Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            (-1.0f64..1.0).prop_map(|f| Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![8 => "\\PC{0,12}", 1 => "[a\u{0}\u{1}\"\\\\]{0,4}", 1 => "[żółw🐢\u{7f}\u{ffff}]{0,6}"]
+    }
+
+    pub(super) fn json() -> impl Strategy<Value = Value> {
+        let leaf =
+            prop_oneof![Just(Value::Null), any::<bool>().prop_map(Value::from), number(), text().prop_map(Value::from)];
+        let wide = leaf.prop_recursive(5, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::btree_map(text(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        // Near the nesting limit, on both sides of it.
+        let deep = (prop_oneof![95usize..=101, 126usize..=130], any::<bool>()).prop_map(|(depth, objects)| {
+            let mut value = Value::from(1);
+            for _ in 0..depth {
+                value = if objects {
+                    Value::Object(std::iter::once(("k".to_owned(), value)).collect())
+                } else {
+                    Value::Array(vec![value])
+                };
+            }
+            value
+        });
+        prop_oneof![6 => wide, 1 => deep]
+    }
+
+    fn metadata() -> impl Strategy<Value = Metadata> {
+        let key = prop_oneof![
+            6 => text(),
+            1 => Just("correlation_id".to_owned()),
+            1 => Just("causation_id".to_owned()),
+            1 => Just(String::new()),
+        ];
+        (proptest::option::of(any::<u128>()), proptest::collection::btree_map(key, json(), 0..4)).prop_map(
+            |(id, extra)| {
+                let mut m = Metadata::default();
+                if let Some(id) = id {
+                    m = m.with_correlation_id(uuid::Uuid::from_u128(id));
+                }
+                for (k, v) in extra {
+                    m = m.with(k, v);
+                }
+                m
+            },
+        )
+    }
+
+    pub(super) fn event() -> impl Strategy<Value = NewEvent> {
+        let schema = prop_oneof![0u32..4, any::<u32>(), (i32::MAX as u32 - 2)..=(i32::MAX as u32 + 2)];
+        ("[A-Za-z][A-Za-z0-9.]{0,15}", schema, json(), metadata()).prop_map(|(ty, schema, data, metadata)| {
+            NewEvent::new(ty, data).with_schema_version(schema).with_metadata(metadata)
+        })
+    }
+
+    /// Equal JSON, where a number may come back as the integer a large float stands for.
+    pub(super) fn same_json(a: &Value, b: &Value) -> bool {
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => {
+                x == y || (x.as_f64() == y.as_f64() && x.as_f64().is_some_and(|f| f.abs() >= 1e16))
+            }
+            (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y)),
+            (Value::Object(x), Value::Object(y)) => {
+                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+            }
+            _ => a == b,
+        }
     }
 }

@@ -1,6 +1,25 @@
 //! Shared helpers for tests: PostgreSQL servers, partition counts.
 #![allow(dead_code, unreachable_pub)]
 
+/// Waits until the global log's visible head reaches `position`, and returns the head.
+///
+/// Every test that reads the global log right after writing must wait so: on PostgreSQL a
+/// committed event becomes visible only once every older transaction in the cluster has ended
+/// (docs/ordering.md), and tests running beside it on the same server hold transactions open.
+pub async fn visible<S: annal::EventStore>(store: &S, position: annal::Position) -> annal::Position {
+    let mut wakeup = store.wakeup();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        wakeup.mark_seen();
+        let head = store.head().await.unwrap();
+        if head >= position {
+            return head;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{position} never became visible (head {head})");
+        wakeup.wait(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Counts, partition by partition, the events a partitioned reader of `store` selects.
 pub async fn partition_counts(store: &impl annal::EventStore, partitions: u32) -> Vec<u64> {
     let head = store.head().await.unwrap();

@@ -147,6 +147,17 @@ impl<A, S: std::fmt::Debug> std::fmt::Debug for Repository<A, S> {
     }
 }
 
+/// The id of event `index` of command `command_id` on `stream`: a UUIDv5 in the command id's
+/// namespace of the stream name and the index, so that the key is scoped to the aggregate.
+fn command_event_id(command_id: Uuid, stream: &StreamName, index: usize) -> Uuid {
+    // Stream names hold no control characters, so the NUL keeps name and index apart.
+    let mut name = Vec::with_capacity(stream.as_str().len() + 9);
+    name.extend_from_slice(stream.as_str().as_bytes());
+    name.push(0);
+    name.extend_from_slice(&(index as u64).to_be_bytes());
+    Uuid::new_v5(&command_id, &name)
+}
+
 /// A random pause before retry number `retry` (from 1): up to 2^(retry-1) ms, at most 50 ms.
 fn retry_pause(retry: usize) -> std::time::Duration {
     let ceiling_micros = (1_000u64 << retry.saturating_sub(1).min(6)).min(50_000);
@@ -184,7 +195,7 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
     async fn load_stream(&self, stream: &StreamName) -> Result<Loaded<A>> {
         let (mut state, mut version) = (A::default(), None);
         if let Some(schema_version) = A::snapshot_policy().schema_version()
-            && let Some(snapshot) = self.store.load_snapshot(stream).await?
+            && let Some(snapshot) = self.usable_snapshot(stream).await?
             && snapshot.schema_version == schema_version
         {
             match A::from_snapshot(snapshot.state) {
@@ -199,6 +210,18 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
             version = Some(recorded.version);
         }
         Ok(Loaded { state, version })
+    }
+
+    /// The stored snapshot, if it can be read: a snapshot is only a shortcut, so one that is
+    /// damaged is logged and the stream is replayed from the start instead.
+    async fn usable_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>> {
+        match self.store.load_snapshot(stream).await {
+            Err(error @ (Error::Corrupt { .. } | Error::Decode { .. })) => {
+                tracing::warn!(%stream, %error, "ignoring a stored snapshot that cannot be read");
+                Ok(None)
+            }
+            loaded => loaded,
+        }
     }
 
     /// Runs `command` against the aggregate and appends the events it decides.
@@ -230,10 +253,19 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
         self.run(id, command, metadata, None).await
     }
 
-    /// [`Repository::execute_with`], safe to repeat: the events' ids derive from `command_id`
-    /// (UUIDv5 of the command id and the event's index), so when a first call committed but its
-    /// caller never heard (a lost reply, a crash), calling again with the same `command_id`
-    /// writes nothing and returns `repeated: true` with the events written the first time.
+    /// [`Repository::execute_with`], safe to repeat: an idempotent command.
+    ///
+    /// The events' ids derive from `command_id` and the aggregate's stream (UUIDv5), so the key
+    /// is scoped to the aggregate: the same command id sent to two aggregates is two commands.
+    /// When a first call committed but its caller never heard (a lost reply, a crash), calling
+    /// again with the same `command_id` decides nothing and writes nothing: it returns
+    /// `repeated: true` with the events written the first time, whatever the aggregate did
+    /// since (`state` and `version` are then the aggregate's current ones). Of concurrent calls
+    /// with one id, one writes and reports `repeated: false`; the others report `repeated: true`
+    /// with the same events.
+    ///
+    /// A command that was rejected, or decided that nothing should happen, leaves no trace: a
+    /// repeat decides it again.
     ///
     /// # Errors
     /// As [`Repository::execute`].
@@ -260,11 +292,17 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
     where
         A::Command: Clone,
     {
-        let event_id = |i: usize| command_id.map(|c| Uuid::new_v5(&c, &(i as u64).to_be_bytes()));
         let stream = A::stream_name(id)?;
         let mut retries = 0;
         loop {
             let Loaded { mut state, version } = self.load_stream(&stream).await?;
+            let repeated =
+                |state, version, events| Executed { state, version, events, attempts: retries + 1, repeated: true };
+            if let Some(command_id) = command_id
+                && let Some(events) = self.executed_before(&stream, command_id).await?
+            {
+                return Ok(repeated(state, version, events));
+            }
             let events = state.handle(command.clone()).map_err(CommandError::Rejected)?;
             if events.is_empty() {
                 return Ok(Executed { state, version, events: Vec::new(), attempts: retries + 1, repeated: false });
@@ -274,14 +312,28 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
                 .enumerate()
                 .map(|(i, e)| {
                     let event = e.to_new_event()?.with_metadata(metadata.clone());
-                    Ok(match event_id(i) {
-                        Some(id) => event.with_id(id),
+                    Ok(match command_id {
+                        Some(command_id) => event.with_id(command_event_id(command_id, &stream, i)),
                         None => event,
                     })
                 })
                 .collect::<Result<Vec<NewEvent>>>()?;
             let ids: Vec<Uuid> = new.iter().map(|e| e.id).collect();
-            match self.store.append(&stream, ExpectedVersion::from_current(version), new).await {
+            let appended = self.store.append(&stream, ExpectedVersion::from_current(version), new).await;
+            if let Some(command_id) = command_id
+                && matches!(&appended, Ok(w) if w.already_written)
+                    | matches!(&appended, Err(Error::DuplicateEvents { .. }))
+            {
+                // A concurrent call with this command id wrote first: report what it wrote.
+                if let Some(events) = self.executed_before(&stream, command_id).await? {
+                    let Loaded { state, version } = self.load_stream(&stream).await?;
+                    return Ok(repeated(state, version, events));
+                }
+                if let Err(error) = appended {
+                    return Err(error.into());
+                }
+            }
+            match appended {
                 Ok(written) => {
                     events.iter().for_each(|e| state.apply(e));
                     self.snapshot_if_due(&stream, &state, version, written.version).await;
@@ -306,14 +358,6 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
                         repeated: false,
                     });
                 }
-                Err(Error::DuplicateEvents { event_ids, .. })
-                    if event_id(0).is_some_and(|first| event_ids.contains(&first)) =>
-                {
-                    // Executed before under this command id: its events are already in the stream.
-                    let first = event_id(0).unwrap_or_default();
-                    let events = self.find_written(&stream, first, command_id.unwrap_or_default()).await?;
-                    return Ok(Executed { state, version, events, attempts: retries + 1, repeated: true });
-                }
                 Err(error) if error.is_conflict() && retries < self.max_retries => {
                     retries += 1;
                     tracing::debug!(%stream, retries, "conflict; reloading and deciding again");
@@ -324,33 +368,27 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
         }
     }
 
-    /// The events an earlier execution of command `command_id` wrote: one batch, so consecutive
-    /// in the stream from the one whose id is `first`. Found by reading the stream backwards to it
-    /// (at most the last 10,000 events).
-    async fn find_written(
-        &self,
-        stream: &StreamName,
-        first: Uuid,
-        command_id: Uuid,
-    ) -> Result<Vec<Committed<A::Event>>> {
-        let mut scanned = Vec::new();
-        let mut events = self.store.read_stream(stream, ReadStream::backwards().limit(10_000));
+    /// The events an earlier execution of command `command_id` wrote to `stream`, if there was
+    /// one: one batch, found by the id of its first event, then read forwards while the ids
+    /// follow.
+    async fn executed_before(&self, stream: &StreamName, command_id: Uuid) -> Result<Option<Vec<Committed<A::Event>>>> {
+        let Some(first) = self.store.read_event(command_event_id(command_id, stream, 0)).await? else {
+            return Ok(None);
+        };
+        let mut committed = Vec::new();
+        let mut events = self.store.read_stream(stream, ReadStream::forwards().from_version(first.version));
         while let Some(recorded) = events.try_next().await? {
-            let done = recorded.id == first;
-            scanned.push(recorded);
-            if done {
+            if recorded.id != command_event_id(command_id, stream, committed.len()) {
                 break;
             }
+            committed.push(Committed {
+                event: A::Event::from_recorded(&recorded)?,
+                id: recorded.id,
+                version: recorded.version,
+                position: recorded.position,
+            });
         }
-        scanned
-            .iter()
-            .rev()
-            .enumerate()
-            .take_while(|(i, e)| e.id == Uuid::new_v5(&command_id, &(*i as u64).to_be_bytes()))
-            .map(|(_, e)| {
-                Ok(Committed { event: A::Event::from_recorded(e)?, id: e.id, version: e.version, position: e.position })
-            })
-            .collect()
+        Ok(Some(committed))
     }
 
     /// Writes a snapshot when the policy says so. A failure only costs a slower load later, so

@@ -7,24 +7,27 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::types::Json;
 use sqlx::{Connection, Row};
 use uuid::Uuid;
 
 use crate::append::{Written, resolve_written};
 use crate::convert::{to_i64, to_u64};
-use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, encode_batch};
+use crate::event::{
+    DEFAULT_MAX_EVENT_SIZE, EncodedEvent, StoredEvent, decode_json, decode_rows, encode_batch, encode_snapshot,
+};
 use crate::filter::stream_hash;
+use crate::store::check_limit;
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
-    AppendResult, Direction, Error, EventStore, ExpectedVersion, Filter, Metadata, NewEvent, Page, Position,
-    RecordedEvent, Result, Snapshot, StreamName,
+    AppendResult, Direction, Error, EventStore, ExpectedVersion, Filter, NewEvent, Page, Position, RecordedEvent,
+    Result, Snapshot, StreamName,
 };
 
 use notify::Announcer;
 
-/// How often an `Any` append retries when a concurrent writer takes the version it computed.
-const ANY_RETRIES: usize = 50;
+/// How often an append retries when a concurrent writer takes the version it computed while
+/// its expectation still holds (`Any`, `StreamExists`).
+const APPEND_RETRIES: usize = 50;
 
 /// An event store in PostgreSQL (13 or later), for production.
 ///
@@ -243,21 +246,25 @@ async fn check_transaction_ids(pool: &PgPool) -> Result<()> {
 
 /// The append statement for each expectation. Versions are `base + n`, where `n` counts the
 /// batch from 1; the guards make a statement insert nothing when the expectation fails in a way
-/// no unique key catches (the stream is shorter than expected, or missing).
+/// no unique key catches (the stream is shorter than expected, or missing), and when the stream's
+/// last event was written by a transaction younger than this one: its events would sort before
+/// that event in the global order (see `docs/ordering.md`, "Per-stream order").
 const APPEND_EXACT: &str = "\
     INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) \
     SELECT e.id, $1, $2, $8 + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, $9 \
     FROM unnest($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[]) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) \
-    WHERE $8 < 0 OR EXISTS (SELECT 1 FROM annal_events WHERE stream = $1 AND version = $8) \
+    WHERE $8 < 0 OR EXISTS (SELECT 1 FROM annal_events WHERE stream = $1 AND version = $8 \
+        AND tx_id <= pg_current_xact_id()::text::bigint) \
     ORDER BY e.n \
     RETURNING version, tx_id, seq";
 
 const APPEND_AT_END: &str = "\
-    WITH cur AS (SELECT max(version) AS v FROM annal_events WHERE stream = $1) \
+    WITH last AS (SELECT version, tx_id FROM annal_events WHERE stream = $1 ORDER BY version DESC LIMIT 1) \
     INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) \
-    SELECT e.id, $1, $2, coalesce(cur.v, -1) + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, $9 \
-    FROM cur, unnest($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[]) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) \
-    WHERE NOT $8 OR cur.v IS NOT NULL \
+    SELECT e.id, $1, $2, coalesce((SELECT version FROM last), -1) + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, $9 \
+    FROM unnest($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[]) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) \
+    WHERE (NOT $8 OR EXISTS (SELECT 1 FROM last)) \
+        AND NOT EXISTS (SELECT 1 FROM last WHERE tx_id > pg_current_xact_id()::text::bigint) \
     ORDER BY e.n \
     RETURNING version, tx_id, seq";
 
@@ -314,7 +321,7 @@ async fn try_insert(
     Ok(rows)
 }
 
-/// Appends on `conn`: one statement on the fast path; the unique keys or the guard reject what
+/// Appends on `conn`: one statement on the fast path; the unique keys or the guards reject what
 /// the expectation forbids, and only then is the store asked what happened.
 async fn append_on(
     conn: &mut PgConnection,
@@ -323,7 +330,8 @@ async fn append_on(
     expected: ExpectedVersion,
     batch: &[EncodedEvent],
 ) -> Result<AppendResult> {
-    for _ in 0..ANY_RETRIES {
+    let mut actual = None;
+    for _ in 0..APPEND_RETRIES {
         let attempt = if in_transaction {
             // A savepoint keeps the caller's transaction usable after a rejected append.
             let mut savepoint = conn.begin().await?;
@@ -346,18 +354,23 @@ async fn append_on(
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {}
             Err(e) => return Err(e.into()),
         }
-        // Rejected: an idempotent retry, a duplicate, or a version conflict.
+        // Rejected: an idempotent retry, a duplicate, a version conflict, a transaction older
+        // than the stream's last writer, or a race lost to a concurrent writer.
         let ids: Vec<Uuid> = batch.iter().map(|e| e.event.id).collect();
         if let Some(original) = resolve_written(stream, expected, &ids, written(conn, &ids).await?)? {
             return Ok(original);
         }
-        if expected != ExpectedVersion::Any {
-            let actual = stream_version(conn, stream).await?;
+        let last = last_event(conn, stream).await?;
+        actual = last.map(|(version, _)| version);
+        if in_transaction && last.is_some_and(|(_, younger_writer)| younger_writer) {
+            return Err(Error::StaleTransaction { stream: stream.clone() });
+        }
+        if !expected.is_satisfied_by(actual) {
             return Err(Error::Conflict { stream: stream.clone(), expected, actual });
         }
-        // `Any` lost a race for the next version to a concurrent writer: try again.
+        // The expectation holds now: a concurrent writer took the version this attempt
+        // computed (`Any`, `StreamExists`), or committed the one it expected. Try again.
     }
-    let actual = stream_version(conn, stream).await?;
     Err(Error::Conflict { stream: stream.clone(), expected, actual })
 }
 
@@ -378,12 +391,17 @@ async fn written(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Written>> 
         .collect()
 }
 
-async fn stream_version(conn: &mut PgConnection, stream: &StreamName) -> Result<Option<u64>> {
-    let v: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM annal_events WHERE stream = $1")
-        .bind(stream.as_str())
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok(v.map(to_u64))
+/// The stream's last version, and whether it was written by a transaction younger than the one
+/// running on `conn` (never, outside a transaction that holds an id).
+async fn last_event(conn: &mut PgConnection, stream: &StreamName) -> Result<Option<(u64, bool)>> {
+    let row: Option<(i64, Option<bool>)> = sqlx::query_as(
+        "SELECT version, tx_id > pg_current_xact_id_if_assigned()::text::bigint FROM annal_events \
+         WHERE stream = $1 ORDER BY version DESC LIMIT 1",
+    )
+    .bind(stream.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|(version, younger)| (to_u64(version), younger.unwrap_or(false))))
 }
 
 fn position(tx_id: i64, seq: i64) -> Position {
@@ -391,28 +409,28 @@ fn position(tx_id: i64, seq: i64) -> Position {
 }
 
 fn decode(row: &PgRow) -> Result<RecordedEvent> {
-    let (tx_id, seq): (i64, i64) = (row.try_get("tx_id")?, row.try_get("seq")?);
-    let corrupt = |reason: String| Error::Corrupt { location: format!("position {tx_id}/{seq}"), reason };
-    let stream: String = row.try_get("stream")?;
-    let Json(metadata): Json<Metadata> = row.try_get("metadata")?;
-    Ok(RecordedEvent {
-        id: row.try_get("event_id")?,
-        stream: StreamName::new(&stream).map_err(|e| corrupt(e.to_string()))?,
-        version: to_u64(row.try_get("version")?),
-        position: position(tx_id, seq),
-        event_type: row.try_get("event_type")?,
-        schema_version: u32::try_from(row.try_get::<i32, _>("schema_version")?)
-            .map_err(|_| corrupt("negative schema version".into()))?,
-        data: row.try_get("data")?,
-        metadata,
-        recorded_at: row.try_get::<DateTime<Utc>, _>("recorded_at")?,
-    })
+    let position = position(row.try_get("tx_id")?, row.try_get("seq")?);
+    let mut problem = None;
+    let p = &mut problem;
+    StoredEvent {
+        position,
+        id: StoredEvent::column(p, "event_id", row.try_get::<Uuid, _>("event_id").map(Some)),
+        stream: StoredEvent::column(p, "stream", row.try_get("stream")),
+        version: StoredEvent::column(p, "version", row.try_get("version")),
+        event_type: StoredEvent::column(p, "event_type", row.try_get("event_type")),
+        schema_version: i64::from(StoredEvent::column::<i32>(p, "schema_version", row.try_get("schema_version"))),
+        data: StoredEvent::column(p, "data", row.try_get("data")),
+        metadata: StoredEvent::column(p, "metadata", row.try_get("metadata")),
+        recorded_at: StoredEvent::column(p, "recorded_at", row.try_get::<DateTime<Utc>, _>("recorded_at").map(Some)),
+        problem,
+    }
+    .decode()
 }
 
 macro_rules! select_events {
     () => {
-        "SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
-         FROM annal_events"
+        "SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data::text AS data, \
+         metadata::text AS metadata, recorded_at FROM annal_events"
     };
 }
 
@@ -447,6 +465,7 @@ impl EventStore for PgEventStore {
         from: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>> {
+        check_limit(limit)?;
         const FORWARDS: &str =
             concat!(select_events!(), " WHERE stream = $1 AND version >= $2 ORDER BY version LIMIT $3");
         const BACKWARDS: &str =
@@ -465,6 +484,7 @@ impl EventStore for PgEventStore {
     }
 
     async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page> {
+        check_limit(limit)?;
         // The head read first is below the page's later horizon, so a short page has seen
         // every selected event up to it: the reader may move there.
         let head_before = if filter.is_all() { from } else { self.head().await? };
@@ -493,8 +513,19 @@ impl EventStore for PgEventStore {
             query = query.bind(i64::from(count)).bind(i64::from(index));
         }
         let rows = query.fetch_all(&self.pool).await?;
-        let events = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
-        Ok(Page::after(from, events, limit, head_before))
+        match decode_rows(&rows, decode)? {
+            (events, false) => Ok(Page::after(from, events, limit, head_before)),
+            (events, true) => {
+                let next = events.last().map_or(from, |e| e.position);
+                Ok(Page::new(events, next))
+            }
+        }
+    }
+
+    async fn read_event(&self, id: Uuid) -> Result<Option<RecordedEvent>> {
+        let row =
+            sqlx::query(concat!(select_events!(), " WHERE event_id = $1")).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(decode).transpose()
     }
 
     async fn head(&self) -> Result<Position> {
@@ -529,27 +560,30 @@ impl EventStore for PgEventStore {
     }
 
     async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>> {
-        let row: Option<(i64, i32, serde_json::Value)> =
-            sqlx::query_as("SELECT version, schema_version, state FROM annal_snapshots WHERE stream = $1")
+        let row: Option<(i64, i32, String)> =
+            sqlx::query_as("SELECT version, schema_version, state::text FROM annal_snapshots WHERE stream = $1")
                 .bind(stream.as_str())
                 .fetch_optional(&self.pool)
                 .await?;
-        Ok(row.map(|(version, schema_version, state)| {
-            Snapshot::new(to_u64(version), u32::try_from(schema_version).unwrap_or_default(), state)
-        }))
+        row.map(|(version, schema_version, state)| {
+            let state = decode_json(&state, || format!("snapshot of {stream}"))?;
+            Ok(Snapshot::new(to_u64(version), u32::try_from(schema_version).unwrap_or_default(), state))
+        })
+        .transpose()
     }
 
     async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
+        let (_, state) = encode_snapshot(snapshot)?;
         sqlx::query(
-            "INSERT INTO annal_snapshots (stream, version, schema_version, state) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO annal_snapshots (stream, version, schema_version, state) VALUES ($1, $2, $3, $4::jsonb) \
              ON CONFLICT (stream) DO UPDATE SET version = excluded.version, schema_version = excluded.schema_version, \
                  state = excluded.state, recorded_at = excluded.recorded_at \
              WHERE annal_snapshots.version < excluded.version OR annal_snapshots.schema_version <> excluded.schema_version",
         )
         .bind(stream.as_str())
         .bind(to_i64(snapshot.version))
-        .bind(i32::try_from(snapshot.schema_version).unwrap_or(i32::MAX))
-        .bind(&snapshot.state)
+        .bind(snapshot.schema_version as i32)
+        .bind(state)
         .execute(&self.pool)
         .await?;
         Ok(())

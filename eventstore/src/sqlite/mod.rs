@@ -14,8 +14,11 @@ use uuid::Uuid;
 
 use crate::append::{Written, first_version, resolve_written};
 use crate::convert::{to_i64, to_u64};
-use crate::event::{DEFAULT_MAX_EVENT_SIZE, EncodedEvent, decode_json, encode_batch};
+use crate::event::{
+    DEFAULT_MAX_EVENT_SIZE, EncodedEvent, StoredEvent, decode_json, decode_rows, encode_batch, encode_snapshot,
+};
 use crate::filter::stream_hash;
+use crate::store::check_limit;
 use crate::subscription::{Notifier, Wakeup};
 use crate::{
     AppendResult, Direction, Error, EventStore, ExpectedVersion, Filter, NewEvent, Page, Position, RecordedEvent,
@@ -240,22 +243,23 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 }
 
 fn decode(row: &SqliteRow) -> Result<RecordedEvent> {
-    let position: i64 = row.try_get("position")?;
-    let location = || format!("position {position}");
-    let stream: String = row.try_get("stream")?;
-    let recorded_at: i64 = row.try_get("recorded_at")?;
-    Ok(RecordedEvent {
-        id: row.try_get("event_id")?,
-        stream: StreamName::new(&stream).map_err(|e| Error::Corrupt { location: location(), reason: e.to_string() })?,
-        version: to_u64(row.try_get("version")?),
-        position: Position::new(0, to_u64(position)),
-        event_type: row.try_get("event_type")?,
-        schema_version: u32::try_from(row.try_get::<i64, _>("schema_version")?)
-            .map_err(|_| Error::Corrupt { location: location(), reason: "negative schema version".into() })?,
-        data: decode_json(row.try_get("data")?, location)?,
-        metadata: decode_json(row.try_get("metadata")?, location)?,
-        recorded_at: DateTime::from_timestamp_micros(recorded_at).unwrap_or_default(),
-    })
+    let mut problem = None;
+    let position = Position::new(0, to_u64(row.try_get("position")?));
+    let p = &mut problem;
+    let recorded_at: i64 = StoredEvent::column(p, "recorded_at", row.try_get("recorded_at"));
+    StoredEvent {
+        position,
+        id: StoredEvent::column(p, "event_id", row.try_get::<Uuid, _>("event_id").map(Some)),
+        stream: StoredEvent::column(p, "stream", row.try_get("stream")),
+        version: StoredEvent::column(p, "version", row.try_get("version")),
+        event_type: StoredEvent::column(p, "event_type", row.try_get("event_type")),
+        schema_version: StoredEvent::column(p, "schema_version", row.try_get("schema_version")),
+        data: StoredEvent::column(p, "data", row.try_get("data")),
+        metadata: StoredEvent::column(p, "metadata", row.try_get("metadata")),
+        recorded_at: DateTime::from_timestamp_micros(recorded_at),
+        problem,
+    }
+    .decode()
 }
 
 #[async_trait]
@@ -312,6 +316,7 @@ impl EventStore for SqliteEventStore {
         from: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>> {
+        check_limit(limit)?;
         let sql = match direction {
             Direction::Forwards => {
                 concat!(select_events!(), " WHERE stream = ? AND version >= ? ORDER BY version LIMIT ?")
@@ -330,18 +335,32 @@ impl EventStore for SqliteEventStore {
     }
 
     async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page> {
+        check_limit(limit)?;
         // Read before the page, the head is covered by the page's later snapshot: if the page
         // is short, the reader has seen everything up to it.
         let head_before = if filter.is_all() { from } else { self.head().await? };
         let mut q = QueryBuilder::<Sqlite>::new(concat!(select_events!(), " WHERE position > "));
-        q.push_bind(to_i64(from.sequence()));
+        q.push_bind(to_i64(from.flat_sequence()));
         push_in(&mut q, "category", filter.category_list());
         push_in(&mut q, "event_type", filter.event_type_list());
         push_partition(&mut q, filter);
         q.push(" ORDER BY position LIMIT ").push_bind(to_i64(limit as u64));
         let rows = q.build().fetch_all(&self.readers).await?;
-        let events = rows.iter().map(decode).collect::<Result<Vec<_>>>()?;
-        Ok(Page::after(from, events, limit, head_before))
+        match decode_rows(&rows, decode)? {
+            (events, false) => Ok(Page::after(from, events, limit, head_before)),
+            (events, true) => {
+                let next = events.last().map_or(from, |e| e.position);
+                Ok(Page::new(events, next))
+            }
+        }
+    }
+
+    async fn read_event(&self, id: Uuid) -> Result<Option<RecordedEvent>> {
+        let row = sqlx::query(concat!(select_events!(), " WHERE event_id = ?"))
+            .bind(id)
+            .fetch_optional(&self.readers)
+            .await?;
+        row.as_ref().map(decode).transpose()
     }
 
     async fn head(&self) -> Result<Position> {
@@ -352,7 +371,7 @@ impl EventStore for SqliteEventStore {
 
     async fn count(&self, after: Position, up_to: Position, filter: &Filter) -> Result<u64> {
         let mut q = QueryBuilder::<Sqlite>::new("SELECT count(*) FROM annal_events WHERE position > ");
-        q.push_bind(to_i64(after.sequence())).push(" AND position <= ").push_bind(to_i64(up_to.sequence()));
+        q.push_bind(to_i64(after.flat_sequence())).push(" AND position <= ").push_bind(to_i64(up_to.flat_sequence()));
         push_in(&mut q, "category", filter.category_list());
         push_in(&mut q, "event_type", filter.event_type_list());
         push_partition(&mut q, filter);
@@ -374,7 +393,7 @@ impl EventStore for SqliteEventStore {
     }
 
     async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
-        let state = serde_json::to_string(&snapshot.state).map_err(|e| Error::Encode(Box::new(e)))?;
+        let (_, state) = encode_snapshot(snapshot)?;
         sqlx::query(
             "INSERT INTO annal_snapshots (stream, version, schema_version, state, recorded_at) VALUES (?, ?, ?, ?, ?) \
              ON CONFLICT (stream) DO UPDATE SET version = excluded.version, schema_version = excluded.schema_version, \
