@@ -57,7 +57,7 @@ impl fmt::Display for ExpectedVersion {
 pub struct AppendResult {
     /// The version of the batch's last event. After a new append it is the stream's version:
     /// pass `ExpectedVersion::Exact(version)` to append after it. After an idempotent retry
-    /// ([`already_written`](AppendResult::already_written)) it is where the batch was written
+    /// (`already_written` below) it is where the batch was written
     /// the first time, which the stream may have moved past since.
     pub version: u64,
     /// The global position of each event of the batch, in batch order.
