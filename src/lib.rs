@@ -41,6 +41,15 @@
 
 #[doc(inline)]
 pub use annal_eventstore::*;
+// Named again, beside the glob, so that their pages here carry the feature badge too.
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+#[doc(inline)]
+pub use annal_eventstore::SqliteEventStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[doc(inline)]
+pub use annal_eventstore::{OpenTransaction, PgEventStore, PgTransaction};
 
 #[cfg(feature = "projections")]
 #[cfg_attr(docsrs, doc(cfg(feature = "projections")))]
