@@ -48,6 +48,22 @@ pub use annal_projections as projections;
 #[doc(inline)]
 pub use annal_macros::{Aggregate, Event};
 
+/// The `sqlx` Annal is built with, for read models and your own queries on the store's pool.
+///
+/// Use it instead of adding `sqlx` to your `Cargo.toml`: a projection handler's transaction
+/// ([`projections::Tx`]) and the stores' pools are this version's types, and another version's
+/// do not fit them.
+///
+/// ```
+/// # #[cfg(feature = "sqlite")]
+/// # async fn events(store: &annal::SqliteEventStore) -> Result<i64, annal::sqlx::Error> {
+/// annal::sqlx::query_scalar("SELECT COUNT(*) FROM annal_events").fetch_one(store.writer()).await
+/// # }
+/// ```
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[doc(no_inline)]
+pub use sqlx;
+
 /// Guides from `docs/`, included here so that their code compiles and runs as doctests.
 pub mod guide {
     /// Concepts and guarantees: streams, versions, positions, expected versions, idempotence,
