@@ -48,7 +48,7 @@ macro_rules! on_db {
 /// Runs `$body` with `$conn` bound to a projection handler's transaction on either backend.
 macro_rules! on_tx {
     ($tx:expr, |$conn:ident| $body:expr) => {
-        match $tx {
+        match &mut *$tx {
             annal::projections::Tx::Sqlite($conn) => $body,
             #[cfg(feature = "postgres")]
             annal::projections::Tx::Postgres($conn) => $body,
