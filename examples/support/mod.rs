@@ -45,13 +45,18 @@ macro_rules! on_db {
     };
 }
 
-/// Runs `$body` with `$conn` bound to a projection handler's transaction on either backend.
+/// Runs `$body` with `$conn` bound to a projection handler's transaction on either backend,
+/// discarding its value.
 macro_rules! on_tx {
     ($tx:expr, |$conn:ident| $body:expr) => {
         match &mut *$tx {
-            annal::projections::Tx::Sqlite($conn) => $body,
+            annal::projections::Tx::Sqlite($conn) => {
+                $body;
+            }
             #[cfg(feature = "postgres")]
-            annal::projections::Tx::Postgres($conn) => $body,
+            annal::projections::Tx::Postgres($conn) => {
+                $body;
+            }
             _ => return Err("this read model lives in the event store's SQL database".into()),
         }
     };
