@@ -362,8 +362,8 @@ struct DeviceReport {
     /// Commit of a message to the commit of its delivery receipt, for messages committed while
     /// the device was online.
     deliveries: Vec<Duration>,
-    /// A read on the user's other device to its arrival here, for reads started once this
-    /// device had caught up.
+    /// A read on the user's other device to its arrival here, for messages committed while
+    /// this device was online.
     read_syncs: Vec<Duration>,
     /// Messages waiting for the user when the device connected, and how long it took to
     /// receive, deliver and read them all.
@@ -374,7 +374,8 @@ struct DeviceReport {
 
 /// One of a user's devices: follows the log from `from`, sends a delivery receipt for every
 /// message to its user, reads every other one (its twin reads the rest), and notes when the
-/// twin's reads arrive. Ends once it has passed the last position `stop` announces.
+/// twin's reads arrive. Once past the position of round 1 that `stop` announces, it reports
+/// the position of the last receipt it wrote; once past round 2's, it ends.
 async fn device<S: Store>(
     user: String,
     index: usize,
@@ -382,26 +383,24 @@ async fn device<S: Store>(
     from: Position,
     reads: ReadsStarted,
     mut stop: watch::Receiver<(u32, Position)>,
-    reached: mpsc::Sender<u32>,
+    reached: mpsc::Sender<Position>,
 ) -> anyhow::Result<DeviceReport> {
     let store = conversations.store().clone();
     let (connected, started) = (chrono::Utc::now(), Instant::now());
-    let backlog = store.head().await?;
     let mut events = store.subscribe(from, Filter::categories([Conversation::CATEGORY]));
-    let (mut position, mut report, mut queued, mut reported) = (from, DeviceReport::default(), 0, 0);
-    let mut caught_up_at = None;
+    let (mut position, mut report, mut reported) = (from, DeviceReport::default(), 0);
+    // Messages committed before the device connected: how many, and when the last was done.
+    let (mut queued, mut queue_done) = (0, Duration::ZERO);
+    let (mut live, mut written) = (std::collections::HashSet::new(), Position::START);
     loop {
-        if caught_up_at.is_none() && position >= backlog {
-            caught_up_at = Some(Instant::now());
-            report.caught_up = Some((queued, started.elapsed()));
-        }
         let (round, last) = *stop.borrow_and_update();
         if round > reported && position >= last {
             if round == 2 {
+                report.caught_up = Some((queued, queue_done));
                 return Ok(report);
             }
             reported = round;
-            reached.send(round).await?;
+            reached.send(written).await?;
         }
         let recorded = tokio::select! {
             recorded = events.next() => recorded.context("a subscription does not end")??,
@@ -411,16 +410,20 @@ async fn device<S: Store>(
         let conversation = recorded.stream.id().unwrap_or_default();
         match ChatEvent::from_recorded(&recorded)? {
             ChatEvent::MessageSent { message_id, to, .. } if to.contains(&user) => {
-                queued += u32::from(recorded.position <= backlog);
+                let queued_up = recorded.recorded_at < connected;
+                if !queued_up {
+                    live.insert((conversation.to_owned(), message_id));
+                }
                 let receive = ChatCommand::Receive { by: user.clone(), up_to: message_id };
                 let done = conversations.execute(conversation, receive).await?;
+                written = written.max(done.position().unwrap_or_default());
                 report.commands.0 += 1;
                 report.commands.1 += done.attempts as u32;
                 let delivered = done
                     .events
                     .iter()
                     .any(|c| matches!(&c.event, ChatEvent::MessageDelivered { message_id: m, .. } if *m == message_id));
-                if delivered && recorded.recorded_at >= connected {
+                if delivered && !queued_up {
                     report.deliveries.push((chrono::Utc::now() - recorded.recorded_at).to_std().unwrap_or_default());
                 }
                 if message_id as usize % 2 == index {
@@ -428,6 +431,7 @@ async fn device<S: Store>(
                     reads.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(key.clone(), (index, Instant::now()));
                     let read = ChatCommand::Read { by: user.clone(), up_to: message_id };
                     let done = conversations.execute(conversation, read).await?;
+                    written = written.max(done.position().unwrap_or_default());
                     report.commands.0 += 1;
                     report.commands.1 += done.attempts as u32;
                     if !done
@@ -438,6 +442,10 @@ async fn device<S: Store>(
                         reads.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.remove(&key);
                     }
                 }
+                if queued_up {
+                    queued += 1;
+                    queue_done = started.elapsed();
+                }
             }
             ChatEvent::MessageRead { message_id, by } if by == user => {
                 let key = (conversation.to_owned(), by, message_id);
@@ -445,7 +453,7 @@ async fn device<S: Store>(
                 if let Some(&(reader, at)) = reads.get(&key)
                     && reader != index
                 {
-                    if caught_up_at.is_some_and(|caught_up| at >= caught_up) {
+                    if live.contains(&(conversation.to_owned(), message_id)) {
                         report.read_syncs.push(at.elapsed());
                     }
                     reads.remove(&key);
@@ -481,9 +489,9 @@ async fn sender<S: Store>(
     load: Arc<Load>,
     quota: Arc<Quota>,
     mut rng: Rng,
-) -> anyhow::Result<u32> {
+) -> anyhow::Result<(u32, Position)> {
     let until = Instant::now() + load.chatting;
-    let mut sent = 0;
+    let (mut sent, mut last) = (0, Position::START);
     while Instant::now() < until || !quota.full() {
         anyhow::ensure!(until.elapsed() < Duration::from_secs(60), "the offline user's quota never filled");
         tokio::time::sleep(Duration::from_secs_f64(rng.uniform(load.pause.0, load.pause.1))).await;
@@ -492,10 +500,11 @@ async fn sender<S: Store>(
             continue;
         }
         let text = format!("message {sent} from {user}");
-        conversations.execute(room, ChatCommand::Send { from: user.clone(), text }).await?;
+        let done = conversations.execute(room, ChatCommand::Send { from: user.clone(), text }).await?;
+        last = last.max(done.position().unwrap_or_default());
         sent += 1;
     }
-    Ok(sent)
+    Ok((sent, last))
 }
 
 /// Many users on two devices each, one of them offline for a while.
@@ -509,7 +518,8 @@ async fn measured<S: Store>(chat: &Chat<S>, short: bool) -> anyhow::Result<()> {
     let users: Vec<String> = (1..=load.users).map(|u| format!("u{u:02}")).collect();
     let offline = users[0].clone();
     // Rooms of 2 to 4 members; the offline user is in the first four.
-    let mut rooms = Vec::new();
+    // Devices follow the log from the last conversation's start.
+    let (mut rooms, mut start) = (Vec::new(), Position::START);
     for r in 0..load.conversations {
         let mut members: Vec<String> = Vec::new();
         if r < 4 {
@@ -523,7 +533,8 @@ async fn measured<S: Store>(chat: &Chat<S>, short: bool) -> anyhow::Result<()> {
             }
         }
         let room = format!("room{r:02}");
-        chat.conversations.execute(&room, ChatCommand::Start { members: members.clone() }).await?;
+        let started = chat.conversations.execute(&room, ChatCommand::Start { members: members.clone() }).await?;
+        start = start.max(started.position().unwrap_or_default());
         rooms.push((room, members));
     }
     let quota = Arc::new(Quota { sent: AtomicU32::new(0), of: 25 + rng.below(21) as u32 });
@@ -533,7 +544,6 @@ async fn measured<S: Store>(chat: &Chat<S>, short: bool) -> anyhow::Result<()> {
         load.users, load.conversations, load.chatting, quota.of
     );
 
-    let start = chat.conversations.store().head().await?;
     let reads = ReadsStarted::default();
     let (stop_tx, stop) = watch::channel((0, Position::START));
     let (reached_tx, mut reached) = mpsc::channel(4 * load.users);
@@ -566,9 +576,11 @@ async fn measured<S: Store>(chat: &Chat<S>, short: bool) -> anyhow::Result<()> {
             rng.next_u64();
         }
     }
-    let mut messages = 0;
+    let (mut messages, mut last_message) = (0, start);
     while let Some(sent) = senders.join_next().await {
-        messages += sent??;
+        let (sent, last) = sent??;
+        messages += sent;
+        last_message = last_message.max(last);
     }
 
     // The offline user's devices come back and catch up from where they left.
@@ -576,18 +588,18 @@ async fn measured<S: Store>(chat: &Chat<S>, short: bool) -> anyhow::Result<()> {
     drop(reached_tx);
     // Once every device has passed the last message, every receipt is written; a device ends
     // once it has passed the last receipt, when every read has reached the twin device.
-    stop_tx.send((1, chat.conversations.store().head().await?))?;
-    let mut passed = 0;
+    stop_tx.send((1, last_message))?;
+    let (mut passed, mut last_receipt) = (0, last_message);
     while passed < 2 * load.users {
         tokio::select! {
-            Some(_) = reached.recv() => passed += 1,
+            Some(written) = reached.recv() => (passed, last_receipt) = (passed + 1, last_receipt.max(written)),
             Some(failed) = devices.join_next() => {
                 failed??;
                 anyhow::bail!("a device stopped early");
             }
         }
     }
-    stop_tx.send((2, chat.conversations.store().head().await?))?;
+    stop_tx.send((2, last_receipt))?;
     let (mut deliveries, mut read_syncs, mut caught_up) = (Vec::new(), Vec::new(), Vec::new());
     let (mut commands, mut decided) = (0, 0);
     while let Some(done) = devices.join_next().await {
@@ -600,8 +612,7 @@ async fn measured<S: Store>(chat: &Chat<S>, short: bool) -> anyhow::Result<()> {
             caught_up.push(report.caught_up.unwrap_or_default());
         }
     }
-    let head = chat.conversations.store().head().await?;
-    chat.caught_up(head).await?;
+    chat.caught_up(last_receipt).await?;
 
     println!(
         "  {messages} messages, {} delivery receipts and {} reads synchronised to the twin device",
