@@ -80,6 +80,12 @@ pub mod guide {
     #[cfg(feature = "derive")]
     #[doc = include_str!("../docs/aggregates.md")]
     pub mod aggregates {}
+
+    /// Projections end to end: a read model, read-your-writes, delivery modes, checkpoints,
+    /// retries and dead letters, lag, partitions and leases.
+    #[cfg(all(feature = "derive", feature = "projections", feature = "sqlite"))]
+    #[doc = include_str!("../docs/projections.md")]
+    pub mod projections {}
 }
 
 /// The README's code, compiled as a doctest so that it stays true.
