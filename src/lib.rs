@@ -11,6 +11,9 @@
 //! | `projections` | yes     | the [`projections`] crate                                |
 //! | `derive`      | yes     | `#[derive(Event)]`, `#[derive(Aggregate)]`               |
 //!
+//! With `sqlite` or `postgres`, `sqlx` is re-exported as `annal::sqlx`: write read models and
+//! your own queries with it rather than adding `sqlx` yourself, so the versions always match.
+//!
 //! # Example
 //!
 //! ```
@@ -35,7 +38,7 @@
 //! ```
 //!
 //! Concepts and guarantees: `docs/concepts.md`; the global order on PostgreSQL:
-//! `docs/ordering.md`.
+//! `docs/ordering.md`; a projection end to end: `annal::guide::projections` (`docs/projections.md`).
 
 #[doc(inline)]
 pub use annal_eventstore::*;
