@@ -12,6 +12,9 @@
 //! | `derive`      | yes     | `#[derive(Event)]`, `#[derive(Aggregate)]`               |
 //! | `runner`      |         | the [`runner`] crate: `annal-runner` as a library        |
 //!
+//! With `sqlite` or `postgres`, `sqlx` is re-exported as `annal::sqlx`: write read models and
+//! your own queries with it rather than adding `sqlx` yourself, so the versions always match.
+//!
 //! # Example
 //!
 //! ```
@@ -36,7 +39,7 @@
 //! ```
 //!
 //! Concepts and guarantees: `docs/concepts.md`; the global order on PostgreSQL:
-//! `docs/ordering.md`.
+//! `docs/ordering.md`; a projection end to end: `annal::guide::projections` (`docs/projections.md`).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[doc(inline)]
@@ -66,6 +69,22 @@ pub use annal_runner as runner;
 #[doc(inline)]
 pub use annal_macros::{Aggregate, Event};
 
+/// The `sqlx` Annal is built with, for read models and your own queries on the store's pool.
+///
+/// Use it instead of adding `sqlx` to your `Cargo.toml`: a projection handler's transaction
+/// ([`projections::Tx`]) and the stores' pools are this version's types, and another version's
+/// do not fit them.
+///
+/// ```
+/// # #[cfg(feature = "sqlite")]
+/// # async fn events(store: &annal::SqliteEventStore) -> Result<i64, annal::sqlx::Error> {
+/// annal::sqlx::query_scalar("SELECT COUNT(*) FROM annal_events").fetch_one(store.writer()).await
+/// # }
+/// ```
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[doc(no_inline)]
+pub use sqlx;
+
 /// Guides from `docs/`, included here so that their code compiles and runs as doctests.
 pub mod guide {
     /// Concepts and guarantees: streams, versions, positions, expected versions, idempotence,
@@ -82,6 +101,12 @@ pub mod guide {
     #[cfg(feature = "derive")]
     #[doc = include_str!("../docs/aggregates.md")]
     pub mod aggregates {}
+
+    /// Projections end to end: a read model, read-your-writes, delivery modes, checkpoints,
+    /// retries and dead letters, lag, partitions and leases.
+    #[cfg(all(feature = "derive", feature = "projections", feature = "sqlite"))]
+    #[doc = include_str!("../docs/projections.md")]
+    pub mod projections {}
 }
 
 /// The README's code, compiled as a doctest so that it stays true.

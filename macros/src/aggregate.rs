@@ -130,3 +130,40 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
         };
     })
 }
+
+/// An implementation for a struct whose attributes are wrong, so that its uses (`impl Decide`,
+/// repositories) still compile and only the real errors are reported. It needs the event type:
+/// without one (or for a generic struct) there is no fallback.
+pub(crate) fn fallback(input: &DeriveInput) -> TokenStream {
+    if !input.generics.params.is_empty() {
+        return TokenStream::new();
+    }
+    let (mut event, mut id) = (None::<Type>, None::<Type>);
+    for attr in input.attrs.iter().filter(|a| a.path().is_ident("aggregate")) {
+        // Whatever does not parse was reported by `derive`; take what does.
+        let _ = attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("event") {
+                event = Some(meta.value()?.parse()?);
+            } else if meta.path.is_ident("id") {
+                id = Some(meta.value()?.parse()?);
+            } else {
+                skip_value(&meta)?;
+            }
+            Ok(())
+        });
+    }
+    let Some(event) = event else { return TokenStream::new() };
+    let ident = &input.ident;
+    let id = id.map_or_else(|| quote!(str), |ty| quote!(#ty));
+    let category = ident.to_string().to_lowercase();
+    quote! {
+        const _: () = {
+            #[automatically_derived]
+            impl ::annal::Aggregate for #ident {
+                const CATEGORY: &'static str = #category;
+                type Id = #id;
+                type Event = #event;
+            }
+        };
+    }
+}

@@ -202,6 +202,40 @@ pub(crate) fn derive(input: &DeriveInput) -> syn::Result<TokenStream> {
     Ok(expand(&input.ident, &variants))
 }
 
+/// An implementation for a type whose attributes are wrong, so that its uses still compile and
+/// only the real errors are reported. None for generic types: their uses fail for another
+/// reason anyway.
+pub(crate) fn fallback(input: &DeriveInput) -> TokenStream {
+    if !input.generics.params.is_empty() {
+        return TokenStream::new();
+    }
+    let ident = &input.ident;
+    quote! {
+        const _: () = {
+            #[automatically_derived]
+            impl ::annal::Event for #ident {
+                const EVENT_TYPES: &'static [&'static str] = &[];
+
+                fn event_type(&self) -> &'static str {
+                    ::core::unreachable!()
+                }
+
+                fn schema_version(&self) -> u32 {
+                    ::core::unreachable!()
+                }
+
+                fn to_data(&self) -> ::annal::Result<::annal::__private::Value> {
+                    ::core::unreachable!()
+                }
+
+                fn from_stored(_: &str, _: u32, _: ::annal::__private::Value) -> ::annal::Result<Self> {
+                    ::core::unreachable!()
+                }
+            }
+        };
+    }
+}
+
 /// Serde attributes that change the enum's tags would break the stored-name mapping.
 fn reject_serde_renames(cx: &Ctxt, attrs: &[syn::Attribute], on_enum: bool) {
     let forbidden: &[&str] =

@@ -29,7 +29,7 @@ use syn::{DeriveInput, parse_macro_input};
 #[proc_macro_derive(Event, attributes(event))]
 pub fn derive_event(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
-    event::derive(&input).unwrap_or_else(syn::Error::into_compile_error).into()
+    event::derive(&input).unwrap_or_else(|error| with_fallback(error, event::fallback(&input))).into()
 }
 
 /// Implements `annal::Aggregate` for a struct holding an aggregate's state.
@@ -43,5 +43,17 @@ pub fn derive_event(input: TokenStream) -> TokenStream {
 #[proc_macro_derive(Aggregate, attributes(aggregate))]
 pub fn derive_aggregate(input: TokenStream) -> TokenStream {
     let input = parse_macro_input!(input as DeriveInput);
-    aggregate::derive(&input).unwrap_or_else(syn::Error::into_compile_error).into()
+    aggregate::derive(&input).unwrap_or_else(|error| with_fallback(error, aggregate::fallback(&input))).into()
+}
+
+/// The errors, plus an implementation that satisfies the trait without doing anything (its
+/// bodies are unreachable: the build fails on the errors). Without it, every use of the type
+/// as an event or an aggregate would fail too, and one typo would bury its own message under
+/// a screenful of unsatisfied trait bounds (thiserror does the same).
+fn with_fallback(error: syn::Error, fallback: proc_macro2::TokenStream) -> proc_macro2::TokenStream {
+    let errors = error.into_compile_error();
+    quote::quote! {
+        #errors
+        #fallback
+    }
 }
