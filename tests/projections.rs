@@ -215,7 +215,90 @@ backends!(
     stop_policy_stops_and_a_restart_resumes,
     lag_is_exact_partition_by_partition,
     many_projections_each_apply_exactly_their_events,
+    a_panicking_handler_is_a_failure_like_an_error,
+    dropping_the_runner_stops_it_and_hands_its_partitions_over,
 );
+
+/// Panics on one event, every time; applies the others into the ledger.
+struct Panicky {
+    ledger: Arc<Ledger>,
+    poison: Uuid,
+}
+
+#[annal::async_trait]
+impl Projection for Panicky {
+    fn name(&self) -> &str {
+        self.ledger.name()
+    }
+    fn delivery(&self) -> Delivery {
+        Delivery::ExactlyOnce
+    }
+    async fn handle(&self, events: &[RecordedEvent], tx: &mut Tx<'_>) -> Result<(), BoxError> {
+        if events.iter().any(|e| e.id == self.poison) {
+            panic!("the handler met event {}", self.poison);
+        }
+        self.ledger.handle(events, tx).await
+    }
+}
+
+/// A handler that panics is retried, then parked with the panic message, like a handler that
+/// returns an error; the process and the projection's other events carry on.
+async fn a_panicking_handler_is_a_failure_like_an_error(backend: Backend) {
+    let (ids, last) = append(&*backend.events, "order", 4, 20).await;
+    let ledger = Arc::new(Ledger::new("panicky"));
+    let projection = Arc::new(Panicky { ledger: ledger.clone(), poison: ids[5] });
+    let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(projection, quick_retries())
+        .unwrap()
+        .start();
+    assert!(matches!(running.wait_for("panicky", last, PATIENCE).await, Err(Error::Parked { .. })));
+    assert!(running.is_running("panicky").unwrap(), "the projection keeps running");
+    let parked = backend.store.dead_letters("panicky").await.unwrap();
+    assert_eq!(parked[0].event_id, ids[5]);
+    assert!(
+        parked[0].error.contains("panicked") && parked[0].error.contains(&ids[5].to_string()),
+        "{}",
+        parked[0].error
+    );
+    assert_eq!(parked[0].attempts, 7, "retried like any failure");
+    // Events of other streams were applied; those of the poison's stream wait behind it.
+    let applied = backend.ledger(&ledger).await;
+    let others: HashSet<Uuid> =
+        ids.iter().enumerate().filter(|(i, _)| i % 4 != 1 || *i < 5).map(|(_, id)| *id).collect();
+    assert_eq!(applied, others);
+    running.shutdown().await.unwrap();
+}
+
+/// Dropping `RunningProjections` stops its coordinators (no task left renewing leases), so
+/// another runner takes the partitions over at once.
+async fn dropping_the_runner_stops_it_and_hands_its_partitions_over(backend: Backend) {
+    let ledger = Arc::new(Ledger::new("dropped"));
+    let lease = Duration::from_secs(3600);
+    let first = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .lease(lease)
+        .with(ledger.clone(), quick_retries())
+        .unwrap()
+        .start();
+    let (_, at) = append(&*backend.events, "order", 2, 5).await;
+    first.wait_for("dropped", at, PATIENCE).await.unwrap();
+    drop(first);
+    // Its coordinator, cancelled by the drop, releases the lease as it ends.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while backend.store.leases("dropped").await.unwrap().iter().any(|l| l.expires_at > chrono::Utc::now()) {
+        assert!(tokio::time::Instant::now() < deadline, "the dropped runner kept its lease");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // With an hour-long lease, the second runner can only get the partition if the first let go.
+    let second = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .lease(lease)
+        .with(ledger.clone(), quick_retries())
+        .unwrap()
+        .start();
+    let (_, last) = append(&*backend.events, "order", 2, 5).await;
+    second.wait_for("dropped", last, PATIENCE).await.unwrap();
+    assert_eq!(backend.ledger(&ledger).await.len(), 10);
+    second.shutdown().await.unwrap();
+}
 
 fn quick_retries() -> WorkerOptions {
     WorkerOptions::default().retry(RetryPolicy::default().initial(Duration::from_millis(1)))
@@ -294,7 +377,13 @@ async fn poison_events_are_parked_and_the_rest_flows(backend: Backend) {
         .with(ledger.clone(), quick_retries())
         .unwrap()
         .start();
-    running.wait_for("poison", last, PATIENCE).await.unwrap();
+    // The wait says the read model lacks what was parked on the way, rather than a bare `Ok`.
+    match running.wait_for("poison", last, PATIENCE).await {
+        Err(Error::Parked { projection, position, parked }) => {
+            assert_eq!((projection.as_str(), position, parked.len()), ("poison", last, 6));
+        }
+        other => panic!("expected Parked, got {other:?}"),
+    }
     assert!(running.is_running("poison").unwrap());
     let parked = backend.store.dead_letters("poison").await.unwrap();
     // The poison event, then the later events of its stream, in order.
@@ -355,9 +444,12 @@ async fn stop_policy_stops_and_a_restart_resumes(backend: Backend) {
         .with(ledger.clone(), options.clone())
         .unwrap()
         .start();
-    // It stops at event 20, having applied everything before it, and reports why.
-    let err = running.wait_for("stopping", last, Duration::from_secs(5)).await;
-    assert!(err.is_err());
+    // It stops at event 20, having applied everything before it, and reports why. A wait for a
+    // later position fails as soon as it stopped, naming it, instead of waiting out its timeout.
+    match running.wait_for("stopping", last, PATIENCE).await {
+        Err(Error::NotRunning { projection, .. }) => assert_eq!(projection, "stopping"),
+        other => panic!("expected NotRunning, got {other:?}"),
+    }
     assert!(!running.is_running("stopping").unwrap());
     match running.shutdown().await {
         Err(Error::Stopped { event_id, attempts, .. }) => assert_eq!((event_id, attempts), (ids[20], 7)),
@@ -655,7 +747,7 @@ async fn undecodable_events_are_parked_without_retries() {
         .with(Arc::new(Undecodable), options)
         .unwrap()
         .start();
-    running.wait_for("undecodable", last, PATIENCE).await.unwrap();
+    assert!(matches!(running.wait_for("undecodable", last, PATIENCE).await, Err(Error::Parked { .. })));
     running.shutdown().await.unwrap();
     let parked = backend.store.dead_letters("undecodable").await.unwrap();
     assert_eq!(parked.len(), 2);

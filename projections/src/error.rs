@@ -59,12 +59,37 @@ pub enum Error {
         stream: String,
     },
     /// A wait for a position ran out of time.
-    #[error("position {position} was not reached within {waited:?}")]
+    #[error("projection {projection} did not reach position {position} within {waited:?}")]
     Timeout {
+        /// The projection waited for.
+        projection: String,
         /// The position waited for.
         position: Position,
         /// How long.
         waited: Duration,
+    },
+    /// A wait for a position cannot end: the projection stopped, here or (no runner holds its
+    /// partitions) everywhere.
+    #[error("projection {projection} is not running, so it will not reach position {position}: {reason}")]
+    NotRunning {
+        /// The projection waited for.
+        projection: String,
+        /// The position waited for.
+        position: Position,
+        /// Why it is not running.
+        reason: String,
+    },
+    /// The projection passed the position waited for, but parked events on the way: its read
+    /// model lacks them (see the dead letters).
+    #[error("projection {projection} reached position {position} but parked {} event(s) on the way, the first at {}: its read model lacks them",
+        parked.len(), parked.first().map_or_else(String::new, |p| p.to_string()))]
+    Parked {
+        /// The projection waited for.
+        projection: String,
+        /// The position waited for.
+        position: Position,
+        /// The positions of the events parked in the range waited for.
+        parked: Vec<Position>,
     },
     /// The store cannot do what was asked (the in-memory store runs no SQL).
     #[error("unsupported: {0}")]

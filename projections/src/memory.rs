@@ -108,7 +108,7 @@ impl ProjectionStore for MemoryProjectionStore {
         if current != from || !self.state().holds(projection.name(), partition, fence) {
             return Ok(Applied::Moved);
         }
-        if let Err(error) = projection.handle(events, &mut Tx::none()).await {
+        if let Err(error) = crate::projection::run_handler(projection, events, &mut Tx::none()).await {
             return Ok(Applied::Failed(error));
         }
         let last = events.last().map(|e| e.recorded_at);
@@ -158,7 +158,9 @@ impl ProjectionStore for MemoryProjectionStore {
         if !present {
             return Ok(Applied::Moved);
         }
-        if let Err(error) = projection.handle(std::slice::from_ref(event), &mut Tx::none()).await {
+        if let Err(error) =
+            crate::projection::run_handler(projection, std::slice::from_ref(event), &mut Tx::none()).await
+        {
             return Ok(Applied::Failed(error));
         }
         Ok(if self.remove_dead_letter(projection.name(), id).await? { Applied::Committed } else { Applied::Moved })

@@ -140,6 +140,28 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
 }
 
+/// Runs `projection.handle`, turning a panic into an error like any other failure: it is retried,
+/// then parked (or stops the projection, by policy) with the panic message as its error, and the
+/// process keeps running.
+pub(crate) async fn run_handler(
+    projection: &dyn Projection,
+    events: &[RecordedEvent],
+    tx: &mut Tx<'_>,
+) -> std::result::Result<(), BoxError> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(projection.handle(events, tx)).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            Err(format!("the handler panicked: {message}").into())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -100,7 +100,9 @@ impl ProjectionRunner {
         self
     }
 
-    /// Starts a coordinator task per projection.
+    /// Starts a coordinator task per projection; they run until the returned
+    /// [`RunningProjections`] is shut down or dropped.
+    #[must_use = "projections stop when the returned RunningProjections is dropped"]
     pub fn start(self) -> RunningProjections {
         let cancel = CancellationToken::new();
         let crash = CancellationToken::new();
@@ -119,7 +121,15 @@ impl ProjectionRunner {
             let task = tokio::spawn(coordinator.run(cancel.clone(), crash.clone()));
             running.insert(projection.name().to_owned(), Running { projection, progress, task });
         }
-        RunningProjections { events: self.events, store: self.store, running, cancel, crash, owner: self.owner }
+        RunningProjections {
+            events: self.events,
+            store: self.store,
+            running,
+            cancel,
+            crash,
+            owner: self.owner,
+            lease: self.lease,
+        }
     }
 }
 
@@ -341,7 +351,10 @@ pub async fn partition_lag(
     Ok(PartitionLag { partition, checkpoint, events_behind, time_behind })
 }
 
-/// Projections running in this process.
+/// Projections running in this process. Dropping it stops them, as
+/// [`RunningProjections::shutdown`] does but without waiting (their leases then expire, or are
+/// released by the coordinators as they end).
+#[must_use = "projections stop when this is dropped; keep it, and call `shutdown` to stop them"]
 pub struct RunningProjections {
     events: Arc<dyn EventStore>,
     store: Arc<dyn ProjectionStore>,
@@ -351,6 +364,14 @@ pub struct RunningProjections {
     #[cfg_attr(not(feature = "test-util"), allow(dead_code))]
     crash: CancellationToken,
     owner: String,
+    lease: Duration,
+}
+
+impl Drop for RunningProjections {
+    fn drop(&mut self) {
+        // Coordinators release their leases and deregister as they end.
+        self.cancel.cancel();
+    }
 }
 
 impl std::fmt::Debug for RunningProjections {
@@ -390,19 +411,55 @@ impl RunningProjections {
     /// Waits until every partition of projection `name` has passed `position` (read your own
     /// writes), or `timeout`.
     ///
+    /// It is honest about what it waited for: it fails at once, naming the projection, when the
+    /// projection stopped in this process, or when a partition it does not run here has no live
+    /// lease anywhere (no runner is working on it); and when the projection got there but
+    /// parked events on the way (the event at `position` itself, or any it passed during the
+    /// wait), it says so with [`Error::Parked`] instead of `Ok`: the read model lacks them.
+    ///
     /// # Errors
-    /// [`Error::UnknownProjection`], [`Error::Timeout`], store errors.
+    /// [`Error::UnknownProjection`], [`Error::Timeout`], [`Error::NotRunning`],
+    /// [`Error::Parked`], store errors.
     pub async fn wait_for(&self, name: &str, position: Position, timeout: Duration) -> Result<()> {
-        let mut moved = self.get(name)?.progress.subscribe();
+        let running = self.get(name)?;
+        let mut moved = running.progress.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
+        let started_at = self.checkpoint(name).await?;
+        let not_running = |reason: String| Error::NotRunning { projection: name.to_owned(), position, reason };
         loop {
             moved.borrow_and_update();
-            if self.checkpoint(name).await? >= position {
+            let checkpoint = self.checkpoint(name).await?;
+            if checkpoint >= position {
+                let parked: Vec<Position> = self
+                    .store
+                    .dead_letters(name)
+                    .await?
+                    .into_iter()
+                    .map(|d| d.position)
+                    .filter(|p| *p == position || (*p > started_at && *p <= position))
+                    .collect();
+                if !parked.is_empty() {
+                    return Err(Error::Parked { projection: name.to_owned(), position, parked });
+                }
                 return Ok(());
+            }
+            if running.task.is_finished() {
+                return Err(not_running("it stopped in this process (see its error in the log)".into()));
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Err(Error::Timeout { position, waited: timeout });
+                return Err(Error::Timeout { projection: name.to_owned(), position, waited: timeout });
+            }
+            // A partition behind `position` that nobody holds a lease on will not move.
+            let leases = self.store.leases(name).await?;
+            let partitions = running.projection.partitions().max(1);
+            for partition in 0..partitions {
+                let at = self.store.checkpoint(name, partition).await?.map_or(Position::START, |c| c.position);
+                let held = leases.iter().any(|l| l.partition == partition && l.expires_at > Utc::now());
+                // After two lease periods of waiting: time for a starting or taking-over runner.
+                if at < position && !held && now.duration_since(deadline - timeout) > self.lease * 2 {
+                    return Err(not_running(format!("no runner holds partition {partition} (no live lease)")));
+                }
             }
             // Woken by this process's workers; partitions run elsewhere are polled.
             let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(50)), moved.changed()).await;
@@ -449,9 +506,9 @@ impl RunningProjections {
     /// `test-util` feature.
     #[cfg(feature = "test-util")]
     #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
-    pub async fn crash(self) {
+    pub async fn crash(mut self) {
         self.crash.cancel();
-        for (_, running) in self.running {
+        for (_, running) in std::mem::take(&mut self.running) {
             let _ = running.task.await;
         }
     }
@@ -461,10 +518,10 @@ impl RunningProjections {
     ///
     /// # Errors
     /// The first error a projection stopped with.
-    pub async fn shutdown(self) -> Result<()> {
+    pub async fn shutdown(mut self) -> Result<()> {
         self.cancel.cancel();
         let mut first = Ok(());
-        for (_, running) in self.running {
+        for (_, running) in std::mem::take(&mut self.running) {
             let result = running.task.await.unwrap_or_else(|e| Err(Error::Panicked(e.to_string())));
             if first.is_ok() {
                 first = result;

@@ -143,7 +143,7 @@ macro_rules! sql_projection_store {
                 if !advance_on(&mut tx, projection.name(), partition, from, to, last, fence).await? {
                     return Ok(Applied::Moved);
                 }
-                if let Err(error) = projection.handle(events, &mut Tx::$tx(&mut tx)).await {
+                if let Err(error) = crate::projection::run_handler(projection, events, &mut Tx::$tx(&mut tx)).await {
                     tx.rollback().await?;
                     return Ok(Applied::Failed(error));
                 }
@@ -202,7 +202,7 @@ macro_rules! sql_projection_store {
                 if removed == 0 {
                     return Ok(Applied::Moved);
                 }
-                if let Err(error) = projection.handle(std::slice::from_ref(event), &mut Tx::$tx(&mut tx)).await {
+                if let Err(error) = crate::projection::run_handler(projection, std::slice::from_ref(event), &mut Tx::$tx(&mut tx)).await {
                     tx.rollback().await?;
                     return Ok(Applied::Failed(error));
                 }

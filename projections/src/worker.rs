@@ -256,23 +256,29 @@ impl Worker<'_> {
                     Applied::Failed(error) => error,
                 }
             }
-            Delivery::AtLeastOnce => match self.projection.handle(&page.events, &mut Tx::none()).await {
-                Ok(()) => {
-                    let last = page.events.last().map(|e| e.recorded_at);
-                    if !self.store.advance(self.name(), partition, from, page.next, last, self.fence.as_ref()).await? {
-                        return Ok(Outcome::Moved);
+            Delivery::AtLeastOnce => {
+                match crate::projection::run_handler(self.projection, &page.events, &mut Tx::none()).await {
+                    Ok(()) => {
+                        let last = page.events.last().map(|e| e.recorded_at);
+                        if !self
+                            .store
+                            .advance(self.name(), partition, from, page.next, last, self.fence.as_ref())
+                            .await?
+                        {
+                            return Ok(Outcome::Moved);
+                        }
+                        self.progress.applied(&page.events);
+                        return Ok(Outcome::At(page.next));
                     }
-                    self.progress.applied(&page.events);
-                    return Ok(Outcome::At(page.next));
+                    Err(error) => error,
                 }
-                Err(error) => error,
-            },
+            }
             Delivery::AtMostOnce => {
                 let last = page.events.last().map(|e| e.recorded_at);
                 if !self.store.advance(self.name(), partition, from, page.next, last, self.fence.as_ref()).await? {
                     return Ok(Outcome::Moved);
                 }
-                match self.projection.handle(&page.events, &mut Tx::none()).await {
+                match crate::projection::run_handler(self.projection, &page.events, &mut Tx::none()).await {
                     Ok(()) => self.progress.applied(&page.events),
                     Err(error) => tracing::error!(
                         projection = self.name(),
@@ -317,7 +323,13 @@ impl Worker<'_> {
                             .apply(self.projection, partition, at, event.position, one, self.fence.as_ref())
                             .await?
                     }
-                    _ => match self.projection.handle(std::slice::from_ref(event), &mut Tx::none()).await {
+                    _ => match crate::projection::run_handler(
+                        self.projection,
+                        std::slice::from_ref(event),
+                        &mut Tx::none(),
+                    )
+                    .await
+                    {
                         Ok(()) => {
                             let (last, fence) = (Some(event.recorded_at), self.fence.as_ref());
                             let moved =
