@@ -27,6 +27,42 @@ pub struct Config {
     pub projections: Vec<SqlProjectionConfig>,
 }
 
+/// `on_failure` in the configuration file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailureConfig {
+    /// Park the event as a dead letter and go on.
+    #[default]
+    Park,
+    /// Stop the projection at the event.
+    Stop,
+}
+
+impl From<OnFailureConfig> for annal_projections::OnFailure {
+    fn from(value: OnFailureConfig) -> Self {
+        match value {
+            OnFailureConfig::Park => annal_projections::OnFailure::Park,
+            OnFailureConfig::Stop => annal_projections::OnFailure::Stop,
+        }
+    }
+}
+
+/// The range `lease_seconds` must be in: long enough for a renewal round trip, short enough
+/// that a dead runner's partitions are taken over within a day.
+pub const LEASE_SECONDS: std::ops::RangeInclusive<f64> = 0.5..=86_400.0;
+
+/// The largest `batch_size`.
+pub const MAX_BATCH_SIZE: usize = 100_000;
+
+/// The largest `partitions`.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// The largest `retry_attempts`.
+pub const MAX_RETRY_ATTEMPTS: u32 = 1000;
+
+/// The largest `retry_initial_ms` (one hour).
+pub const MAX_RETRY_INITIAL_MS: u64 = 3_600_000;
+
 fn default_listen() -> String {
     "127.0.0.1:9187".into()
 }
@@ -56,6 +92,10 @@ pub struct SqlProjectionConfig {
     /// The first pause between attempts, in milliseconds (default 100; it doubles, up to 60 s).
     #[serde(default = "default_retry_ms")]
     pub retry_initial_ms: u64,
+    /// What happens to an event that still fails after its last attempt: `"park"` it as a dead
+    /// letter and go on (the default), or `"stop"` the projection at it.
+    #[serde(default)]
+    pub on_failure: OnFailureConfig,
     /// Statements run once before the projection starts (create its tables).
     #[serde(default)]
     pub setup: Vec<String>,
@@ -179,8 +219,20 @@ impl Config {
                     return Err(Error::Config(format!("projection {:?} lists table {table:?} twice", projection.name)));
                 }
             }
-            if projection.partitions == 0 {
-                return Err(Error::Config(format!("projection {:?}: partitions must be at least 1", projection.name)));
+            let range = |key: &str, rule: String| Error::Config(format!("projection {:?}: {key} {rule}", projection.name));
+            if !(1..=MAX_PARTITIONS).contains(&projection.partitions) {
+                return Err(range("partitions", format!("must be from 1 to {MAX_PARTITIONS}, not {}", projection.partitions)));
+            }
+            if !(1..=MAX_BATCH_SIZE).contains(&projection.batch_size) {
+                return Err(range("batch_size", format!("must be from 1 to {MAX_BATCH_SIZE}, not {}", projection.batch_size)));
+            }
+            if !(1..=MAX_RETRY_ATTEMPTS).contains(&projection.retry_attempts) {
+                let rule = format!("must be from 1 to {MAX_RETRY_ATTEMPTS}, not {}", projection.retry_attempts);
+                return Err(range("retry_attempts", rule));
+            }
+            if projection.retry_initial_ms > MAX_RETRY_INITIAL_MS {
+                let rule = format!("must be at most {MAX_RETRY_INITIAL_MS}, not {}", projection.retry_initial_ms);
+                return Err(range("retry_initial_ms", rule));
             }
             for (event_type, sql) in &projection.handlers {
                 compile(sql, '$').map_err(|e| Error::Handler {
@@ -189,6 +241,14 @@ impl Config {
                     source: Box::new(e),
                 })?;
             }
+        }
+        if !config.lease_seconds.is_finite() || !LEASE_SECONDS.contains(&config.lease_seconds) {
+            return Err(Error::Config(format!(
+                "lease_seconds must be a number of seconds from {} to {}, not {}",
+                LEASE_SECONDS.start(),
+                LEASE_SECONDS.end(),
+                config.lease_seconds
+            )));
         }
         if !config.database.starts_with("postgres") && !config.database.starts_with("sqlite:") {
             return Err(Error::Config(format!("database {:?}: use a postgres:// or sqlite:// URL", config.database)));
@@ -214,10 +274,30 @@ mod tests {
             (ok.replace("name = 'a'", "name = 'a'\ntables = ['t', 't']"), "lists table \"t\" twice"),
             (ok.replace("name = 'a'", "name = 'a'\ntables = ['t; DROP']"), "invalid table name"),
             (ok.replace("name = 'a'", "name = 'a__rebuild'"), "are for rebuilds"),
+            (format!("lease_seconds = inf\n{ok}"), "lease_seconds must be"),
+            (format!("lease_seconds = 1e20\n{ok}"), "lease_seconds must be"),
+            (format!("lease_seconds = nan\n{ok}"), "lease_seconds must be"),
+            (format!("lease_seconds = -3\n{ok}"), "lease_seconds must be"),
+            (format!("lease_seconds = 0\n{ok}"), "lease_seconds must be"),
+            (ok.replace("name = 'a'", "name = 'a'\npartitions = 0"), "partitions must be from 1"),
+            (ok.replace("name = 'a'", "name = 'a'\npartitions = 100000"), "partitions must be from 1"),
+            (ok.replace("name = 'a'", "name = 'a'\nbatch_size = 0"), "batch_size must be from 1"),
+            (ok.replace("name = 'a'", "name = 'a'\nretry_attempts = 0"), "retry_attempts must be from 1"),
+            (ok.replace("name = 'a'", "name = 'a'\nretry_initial_ms = 99999999999"), "retry_initial_ms must be"),
+            (ok.replace("name = 'a'", "name = 'a'\non_failure = 'explode'"), "unknown variant"),
+            (ok.replace("name = 'a'", "name = 'a'\nbatch_size = -1"), "batch_size"),
         ];
         for (text, expected) in cases {
             let err = Config::parse(&text).unwrap_err().report();
             assert!(err.contains(expected), "{expected}: {err}");
         }
+    }
+
+    #[test]
+    fn on_failure_stop_can_be_set() {
+        let text = "database = 'sqlite://x.db'\nlease_seconds = 2.5\n[[projection]]\nname = 'a'\non_failure = 'stop'\nhandlers = { E = 'SELECT 1' }\n";
+        let config = Config::parse(text).unwrap();
+        assert_eq!(config.projections[0].on_failure, OnFailureConfig::Stop);
+        assert_eq!(crate::dispatch::options_for(&config, "a").on_failure, annal_projections::OnFailure::Stop);
     }
 }

@@ -35,7 +35,7 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
             projections.extend(sql.into_iter().map(|p| Arc::new(p) as Arc<dyn Projection>));
             projections.extend(extra);
             let mut runner = ProjectionRunner::new(database.events(), store.clone())
-                .lease(Duration::from_secs_f64(config.lease_seconds.max(0.1)));
+                .lease(Duration::from_secs_f64(config.lease_seconds));
             for projection in &projections {
                 runner = runner.with(projection.clone(), options_for(&config, projection.name()))?;
             }
@@ -77,5 +77,5 @@ pub(crate) fn options_for(config: &Config, name: &str) -> WorkerOptions {
     let retry = annal_projections::RetryPolicy::default()
         .attempts(p.retry_attempts)
         .initial(Duration::from_millis(p.retry_initial_ms));
-    WorkerOptions::default().retry(retry)
+    WorkerOptions::default().retry(retry).on_failure(p.on_failure.into())
 }

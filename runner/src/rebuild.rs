@@ -77,7 +77,7 @@ async fn replay(
     let head = events.head().await?;
     let total = events.count(annal_eventstore::Position::START, head, &filter).await?;
     let running = ProjectionRunner::new(events.clone(), store)
-        .lease(Duration::from_secs_f64(config.lease_seconds.max(0.1)))
+        .lease(Duration::from_secs_f64(config.lease_seconds))
         .with(projection, options_for(config, options_of))?
         .start();
     let bar = indicatif::ProgressBar::new(total);
