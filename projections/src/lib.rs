@@ -49,7 +49,9 @@ pub use crate::runner::{Lag, PartitionLag, ProjectionRunner, RunningProjections,
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::sqlite::SqliteProjectionStore;
-pub use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
+pub use crate::store::{
+    Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore, batch_timeouts,
+};
 pub use crate::worker::{Latency, Progress, WorkerOptions};
 pub use annal_eventstore::partition_of;
 pub use annal_eventstore::{Filter, Position, RecordedEvent};

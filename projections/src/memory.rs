@@ -197,7 +197,7 @@ impl ProjectionStore for MemoryProjectionStore {
         };
         let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
         state.leases.insert(key, Lease { partition, owner: owner.to_owned(), token, expires_at });
-        Ok(Some(Fence { owner: owner.to_owned(), token }))
+        Ok(Some(Fence { owner: owner.to_owned(), token, lease: ttl }))
     }
 
     async fn renew_lease(&self, projection: &str, partition: u32, fence: &Fence, ttl: Duration) -> Result<bool> {

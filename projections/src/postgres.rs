@@ -39,6 +39,22 @@ impl PgProjectionStore {
     }
 }
 
+/// Bounds a lease holder's batch transaction on the server (see [`crate::batch_timeouts`]):
+/// ended by the server if it sits idle, or runs one statement, for longer.
+async fn batch_guard(conn: &mut PgConnection, fence: Option<&Fence>) -> Result<()> {
+    let Some(fence) = fence else { return Ok(()) };
+    let (idle, statement) = crate::store::batch_timeouts(fence.lease);
+    let ms = |d: Duration| d.as_millis().max(1).to_string();
+    sqlx::query(
+        "SELECT set_config('idle_in_transaction_session_timeout', $1, true), set_config('statement_timeout', $2, true)",
+    )
+    .bind(ms(idle))
+    .bind(ms(statement))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 sql_projection_store! {
     store: PgProjectionStore,
     connection: PgConnection,
@@ -72,7 +88,7 @@ sql_projection_store! {
         .bind(ttl.as_secs_f64() * 1e3)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(token.map(|token| Fence { owner: owner.to_owned(), token: to_u64(token) }))
+        Ok(token.map(|token| Fence { owner: owner.to_owned(), token: to_u64(token), lease: ttl }))
     }
 
     async fn renew_lease(&self, projection: &str, partition: u32, fence: &Fence, ttl: Duration) -> Result<bool> {

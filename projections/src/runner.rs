@@ -207,13 +207,7 @@ impl Coordinator {
         let partitions = self.projection.partitions().max(1);
         let runners = self.store.register_runner(self.name(), &self.owner, self.lease).await?.max(1);
         let share = usize::try_from(partitions).unwrap_or(usize::MAX).div_ceil(runners);
-        // Report the latency measured here, for `annal-runner status` in other processes.
-        let latency = self.progress.latency();
-        if latency.count > 0 {
-            for &partition in held.keys() {
-                self.store.record_latency(self.name(), partition, latency.p99).await?;
-            }
-        }
+        // Renewals come first in the round: nothing they wait for may hold them up.
         // Partitions whose worker ended (stopped on an event), or whose lease was taken.
         let mut ended = Vec::new();
         for (&partition, h) in held.iter() {
@@ -250,6 +244,22 @@ impl Coordinator {
             }
             if let Some(fence) = self.store.acquire_lease(self.name(), partition, &self.owner, self.lease).await? {
                 held.insert(partition, self.spawn(partition, fence, cancel));
+            }
+        }
+        // Report the latency measured here, for `annal-runner status` in other processes. It
+        // writes checkpoint rows, which a frozen runner's batch may hold locked until the server
+        // ends it: bounded, and last, so that it never delays the renewals.
+        let latency = self.progress.latency();
+        if latency.count > 0 {
+            let record = async {
+                for &partition in held.keys() {
+                    self.store.record_latency(self.name(), partition, latency.p99).await?;
+                }
+                Ok::<_, Error>(())
+            };
+            match tokio::time::timeout(self.lease / 6, record).await {
+                Ok(recorded) => recorded?,
+                Err(_elapsed) => tracing::debug!(projection = self.name(), "recording the latency took too long"),
             }
         }
         Ok(())

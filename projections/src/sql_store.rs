@@ -136,16 +136,19 @@ macro_rules! sql_projection_store {
                 fence: Option<&Fence>,
             ) -> Result<Applied> {
                 let mut tx = self.pool.begin_with($begin).await?;
-                // The checkpoint moves first: a second worker on this partition waits for this
-                // transaction (a row lock on PostgreSQL, the one writer on SQLite), then finds the
-                // checkpoint moved and applies nothing.
-                let last = events.last().map(|e| e.recorded_at);
-                if !advance_on(&mut tx, projection.name(), partition, from, to, last, fence).await? {
-                    return Ok(Applied::Moved);
-                }
+                batch_guard(&mut tx, fence).await?;
                 if let Err(error) = crate::projection::run_handler(projection, events, &mut Tx::$tx(&mut tx)).await {
                     tx.rollback().await?;
                     return Ok(Applied::Failed(error));
+                }
+                // The checkpoint moves last, fenced, right before the commit: a worker whose lease
+                // was taken while its handler ran (or another worker that moved the checkpoint)
+                // finds nothing to update and rolls the handler's effects back. The checkpoint row
+                // is locked only for that last round trip, so nobody waits behind a long handler.
+                let last = events.last().map(|e| e.recorded_at);
+                if !advance_on(&mut tx, projection.name(), partition, from, to, last, fence).await? {
+                    tx.rollback().await?;
+                    return Ok(Applied::Moved);
                 }
                 tx.commit().await?;
                 Ok(Applied::Committed)

@@ -57,6 +57,22 @@ pub struct Fence {
     pub owner: String,
     /// The lease's token: it grows with every new holder.
     pub token: u64,
+    /// The lease period it was taken for. On PostgreSQL it bounds the holder's batch
+    /// transactions (see [`batch_timeouts`]), so that a holder frozen mid-batch is cut off by
+    /// the server before its lease can be taken over.
+    pub lease: Duration,
+}
+
+/// How long a batch transaction of a lease holder may sit idle, and how long one of its
+/// statements may run, on PostgreSQL: a fifth and a third of the lease period (2 s and 3.3 s for
+/// the default 10 s lease). A holder frozen mid-batch (a GC pause, SIGSTOP, a frozen VM) holds
+/// back every subscriber in the cluster (its transaction holds an id) and its checkpoint row;
+/// the server ends its session after these bounds, which, added up, stay below the two thirds
+/// of a lease period that always remain when it last renewed, so the transaction is gone before
+/// another runner can take the lease, and the frozen runner can never commit after losing it.
+/// (They are at least 100 ms and 250 ms, so the guarantee holds for leases of a second or more.)
+pub fn batch_timeouts(lease: Duration) -> (Duration, Duration) {
+    ((lease / 5).max(Duration::from_millis(100)), (lease / 3).max(Duration::from_millis(250)))
 }
 
 /// A lease on a projection partition, as stored.

@@ -219,12 +219,19 @@ impl Config {
                     return Err(Error::Config(format!("projection {:?} lists table {table:?} twice", projection.name)));
                 }
             }
-            let range = |key: &str, rule: String| Error::Config(format!("projection {:?}: {key} {rule}", projection.name));
+            let range =
+                |key: &str, rule: String| Error::Config(format!("projection {:?}: {key} {rule}", projection.name));
             if !(1..=MAX_PARTITIONS).contains(&projection.partitions) {
-                return Err(range("partitions", format!("must be from 1 to {MAX_PARTITIONS}, not {}", projection.partitions)));
+                return Err(range(
+                    "partitions",
+                    format!("must be from 1 to {MAX_PARTITIONS}, not {}", projection.partitions),
+                ));
             }
             if !(1..=MAX_BATCH_SIZE).contains(&projection.batch_size) {
-                return Err(range("batch_size", format!("must be from 1 to {MAX_BATCH_SIZE}, not {}", projection.batch_size)));
+                return Err(range(
+                    "batch_size",
+                    format!("must be from 1 to {MAX_BATCH_SIZE}, not {}", projection.batch_size),
+                ));
             }
             if !(1..=MAX_RETRY_ATTEMPTS).contains(&projection.retry_attempts) {
                 let rule = format!("must be from 1 to {MAX_RETRY_ATTEMPTS}, not {}", projection.retry_attempts);
