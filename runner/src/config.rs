@@ -49,19 +49,19 @@ impl From<OnFailureConfig> for annal_projections::OnFailure {
 
 /// The range `lease_seconds` must be in: long enough for a renewal round trip, short enough
 /// that a dead runner's partitions are taken over within a day.
-pub const LEASE_SECONDS: std::ops::RangeInclusive<f64> = 0.5..=86_400.0;
+pub(crate) const LEASE_SECONDS: std::ops::RangeInclusive<f64> = 0.5..=86_400.0;
 
 /// The largest `batch_size`.
-pub const MAX_BATCH_SIZE: usize = 100_000;
+pub(crate) const MAX_BATCH_SIZE: usize = 100_000;
 
 /// The largest `partitions`.
-pub const MAX_PARTITIONS: u32 = 1024;
+pub(crate) const MAX_PARTITIONS: u32 = 1024;
 
 /// The largest `retry_attempts`.
-pub const MAX_RETRY_ATTEMPTS: u32 = 1000;
+pub(crate) const MAX_RETRY_ATTEMPTS: u32 = 1000;
 
 /// The largest `retry_initial_ms` (one hour).
-pub const MAX_RETRY_INITIAL_MS: u64 = 3_600_000;
+pub(crate) const MAX_RETRY_INITIAL_MS: u64 = 3_600_000;
 
 fn default_listen() -> String {
     "127.0.0.1:9187".into()
