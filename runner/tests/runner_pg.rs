@@ -161,3 +161,94 @@ async fn a_rebuild_into_shadow_tables_swaps_in_under_a_live_partitioned_runner()
     assert_eq!(leftovers, 0, "shadow tables, indexes or checkpoints left behind");
     terminate(live);
 }
+
+/// Sends a signal to a runner process.
+fn signal(child: &Child, signal: &str) {
+    assert!(Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap().success());
+}
+
+/// The review's frozen-runner case: two runners share a 4-partition projection while a writer
+/// appends; one is suspended with SIGSTOP (a GC pause or a frozen VM looks the same), several
+/// times, for six lease periods each. Its batch transaction, if it was in one, is ended by the
+/// server within the bounds of `batch_timeouts` (a fraction of the 1 s lease): subscribers are
+/// held back for about that long, not for the pause, and the other runner takes the leases and
+/// keeps applying. Resumed, the frozen runner's batch cannot commit. At the end the read model
+/// equals a replay: every deposit once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_runner_stalls_nobody_for_long_and_cannot_commit_after_losing_its_lease() {
+    let setup = setup().await;
+    let configs: Vec<PathBuf> = (0..2)
+        .map(|i| setup.config(&format!("frozen{i}"), &ledger_config("partitions = 4\nbatch_size = 20")))
+        .collect();
+    let runners: Vec<Child> = configs.iter().map(start).collect();
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let (events, writing) = (setup.events.clone(), writing.clone());
+        tokio::spawn(async move {
+            let mut appended = 0i64;
+            let mut n = 0usize;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                let stream = StreamName::from_parts("account", n % 40).unwrap();
+                let batch: Vec<NewEvent> = (0..5).map(|_| NewEvent::new("Deposited", json!({ "amount": 1 }))).collect();
+                events.append(&stream, ExpectedVersion::Any, batch).await.unwrap();
+                appended += 5;
+                n += 1;
+                // The workload's pace: about 1,000 events a second.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            appended
+        })
+    };
+    setup.until("both runners working", |(count, _)| count > 200).await;
+    let pause = Duration::from_secs(6);
+    let mut worst = Duration::ZERO;
+    for _ in 0..3 {
+        signal(&runners[0], "STOP");
+        let frozen_at = Instant::now();
+        // While it is frozen: how long does an event take to become visible to a subscriber?
+        let mut sub = futures::StreamExt::boxed(
+            setup.events.subscribe(setup.events.head().await.unwrap(), annal_eventstore::Filter::categories(["probe"])),
+        );
+        let mut probes = 0;
+        while frozen_at.elapsed() < pause {
+            let stream = StreamName::from_parts("probe", uuid::Uuid::now_v7().simple()).unwrap();
+            let appended = Instant::now();
+            setup
+                .events
+                .append(&stream, ExpectedVersion::NoStream, vec![NewEvent::new("Probe", json!({}))])
+                .await
+                .unwrap();
+            let seen =
+                tokio::time::timeout(PATIENCE, futures::StreamExt::next(&mut sub)).await.unwrap().unwrap().unwrap();
+            assert_eq!(seen.stream, stream);
+            // The first probes may wait for the frozen transaction to be ended by the server.
+            if frozen_at.elapsed() > Duration::from_secs(2) {
+                worst = worst.max(appended.elapsed());
+            }
+            probes += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(probes > 10);
+        // The other runner holds all four partitions and applies while the first is frozen.
+        let before = setup.ledger().await.0;
+        setup.until("the other runner applies while one is frozen", |(count, _)| count > before + 100).await;
+        assert_eq!(lease_owners(&setup.pool).await.len(), 4);
+        signal(&runners[0], "CONT");
+        tokio::time::sleep(Duration::from_secs(2)).await; // let it rejoin: workload, not synchronisation
+    }
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let appended = writer.await.unwrap();
+    setup.until("everything applied", |(count, _)| count >= appended).await;
+    for runner in runners {
+        terminate(runner);
+    }
+    assert_eq!(setup.ledger().await, (appended, appended), "the read model differs from a replay");
+    let dead = annal(&configs[0], &["dead-letters", "list", "ledger"]);
+    assert_eq!(String::from_utf8_lossy(&dead.stdout).lines().count(), 1, "nothing may be parked");
+    assert!(worst < Duration::from_secs(2), "a frozen runner held subscribers back {worst:?} (frozen for {pause:?})");
+    let ended = std::env::var("ANNAL_PG_LOG")
+        .ok()
+        .and_then(|log| std::fs::read_to_string(log).ok())
+        .map_or(0, |log| log.matches("idle-in-transaction timeout").count());
+    eprintln!("worst probe delay while frozen: {worst:?}; frozen transactions ended by the server: {ended}");
+}
