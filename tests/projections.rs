@@ -217,6 +217,7 @@ backends!(
     many_projections_each_apply_exactly_their_events,
     a_panicking_handler_is_a_failure_like_an_error,
     dropping_the_runner_stops_it_and_hands_its_partitions_over,
+    changing_the_partition_count_is_refused_until_a_rebuild,
 );
 
 /// Panics on one event, every time; applies the others into the ledger.
@@ -503,6 +504,59 @@ async fn names_are_validated_and_unique() {
         .unwrap()
         .with(Arc::new(Ledger::new("same")), WorkerOptions::default());
     assert!(matches!(twice, Err(Error::DuplicateName(_))));
+}
+
+/// A ledger split into `count` partitions.
+struct SplitInto(Arc<Ledger>, u32);
+
+#[annal::async_trait]
+impl Projection for SplitInto {
+    fn name(&self) -> &str {
+        self.0.name
+    }
+    fn partitions(&self) -> u32 {
+        self.1
+    }
+    async fn handle(&self, events: &[RecordedEvent], tx: &mut Tx<'_>) -> Result<(), BoxError> {
+        self.0.handle(events, tx).await
+    }
+}
+
+/// The review's 2 → 4 case: checkpoints made with 2 partitions mean nothing under 4 (with 4,
+/// partitions 2 and 3 would start from the beginning and apply their streams' events again).
+/// A runner configured with another count refuses to run the projection, saying what to do,
+/// and applies nothing; after a reset (what a rebuild does) the new count runs.
+async fn changing_the_partition_count_is_refused_until_a_rebuild(backend: Backend) {
+    let ledger = Arc::new(Ledger::new("split"));
+    let start = |count| {
+        ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+            .with(Arc::new(SplitInto(ledger.clone(), count)), quick_retries())
+            .unwrap()
+            .start()
+    };
+    let (ids, last) = append(&*backend.events, "order", 20, 100).await;
+    let running = start(2);
+    running.wait_for("split", last, PATIENCE).await.unwrap();
+    running.shutdown().await.unwrap();
+    for count in [4, 3, 1] {
+        let running = start(count);
+        match running.wait_for("split", Position::new(u64::MAX, 0), PATIENCE).await {
+            Err(Error::NotRunning { .. }) => {}
+            other => panic!("{count} partitions: expected the projection not to run, got {other:?}"),
+        }
+        match running.shutdown().await {
+            Err(Error::PartitionsChanged { stored: 2, configured, .. }) => assert_eq!(configured, count),
+            other => panic!("{count} partitions: expected PartitionsChanged, got {other:?}"),
+        }
+    }
+    // Nothing was applied twice (the ledger's key would have refused it) and nothing is missing.
+    assert_eq!(backend.ledger(&ledger).await, ids.iter().copied().collect::<HashSet<_>>());
+    // The same count still runs.
+    let (more, last) = append(&*backend.events, "order", 20, 10).await;
+    let running = start(2);
+    running.wait_for("split", last, PATIENCE).await.unwrap();
+    running.shutdown().await.unwrap();
+    assert_eq!(backend.ledger(&ledger).await.len(), ids.len() + more.len());
 }
 
 /// A ledger split into partitions.

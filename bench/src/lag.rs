@@ -197,6 +197,10 @@ impl<S: ProjectionStore> ProjectionStore for Timed<S> {
         self.inner.reset(projection).await
     }
 
+    async fn claim_partitions(&self, projection: &str, partitions: u32) -> annal_projections::Result<()> {
+        self.inner.claim_partitions(projection, partitions).await
+    }
+
     async fn promote(&self, shadow: &str, live: &str, statements: &[String]) -> annal_projections::Result<()> {
         self.inner.promote(shadow, live, statements).await
     }

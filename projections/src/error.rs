@@ -58,6 +58,23 @@ pub enum Error {
         /// The stream.
         stream: String,
     },
+    /// A projection is configured with another partition count than its checkpoints were made
+    /// with. Changing the count of a running projection would apply events twice or skip them,
+    /// so it is refused.
+    #[error(
+        "projection {projection} has checkpoints for {stored} partition(s) but is configured with {configured}: \
+         changing the count would apply events twice or skip them. Set partitions back to {stored}, or rebuild \
+         the projection with the new count (`annal-runner rebuild {projection}` replays into shadow tables and \
+         swaps them in; see docs/projections.md, \"Partitions\")"
+    )]
+    PartitionsChanged {
+        /// The projection.
+        projection: String,
+        /// The count its checkpoints were made with.
+        stored: u32,
+        /// The count it is configured with now.
+        configured: u32,
+    },
     /// A wait for a position ran out of time.
     #[error("projection {projection} did not reach position {position} within {waited:?}")]
     Timeout {

@@ -28,6 +28,7 @@ struct State {
     leases: HashMap<(String, u32), Lease>,
     runners: HashMap<(String, String), DateTime<Utc>>,
     dedup: HashMap<(String, uuid::Uuid), DateTime<Utc>>,
+    partition_counts: HashMap<String, u32>,
 }
 
 impl MemoryProjectionStore {
@@ -244,8 +245,24 @@ impl ProjectionStore for MemoryProjectionStore {
         Ok(())
     }
 
+    async fn claim_partitions(&self, projection: &str, partitions: u32) -> Result<()> {
+        let mut state = self.state();
+        let implied = state.checkpoints.keys().filter(|(name, _)| name == projection).map(|(_, p)| p + 1).max();
+        let stored = state.partition_counts.get(projection).copied().or(implied);
+        if let Some(stored) = stored.filter(|stored| *stored != partitions) {
+            return Err(crate::Error::PartitionsChanged {
+                projection: projection.to_owned(),
+                stored,
+                configured: partitions,
+            });
+        }
+        state.partition_counts.insert(projection.to_owned(), partitions);
+        Ok(())
+    }
+
     async fn reset(&self, projection: &str) -> Result<()> {
         let mut state = self.state();
+        state.partition_counts.remove(projection);
         state.checkpoints.retain(|(name, _), _| name != projection);
         state.dead_letters.retain(|d| d.projection != projection);
         Ok(())
@@ -256,6 +273,10 @@ impl ProjectionStore for MemoryProjectionStore {
             return Err(crate::Error::Unsupported("the in-memory projection store runs no SQL statements"));
         }
         let mut state = self.state();
+        state.partition_counts.remove(live);
+        if let Some(count) = state.partition_counts.remove(shadow) {
+            state.partition_counts.insert(live.to_owned(), count);
+        }
         state.checkpoints.retain(|(name, _), _| name != live);
         let promoted: Vec<_> = state.checkpoints.keys().filter(|(name, _)| name == shadow).cloned().collect();
         for key in promoted {

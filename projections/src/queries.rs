@@ -50,3 +50,17 @@ pub(crate) const PROMOTE_CHECKPOINTS: &str = "UPDATE annal_checkpoints SET proje
 
 /// Gives projection $1's dead letters to projection $2 (whose own are deleted first).
 pub(crate) const PROMOTE_DEAD_LETTERS: &str = "UPDATE annal_dead_letters SET projection = $2 WHERE projection = $1";
+
+/// The partition count recorded for projection $1, or, for a projection whose checkpoints
+/// predate the record, the count its checkpoints imply.
+pub(crate) const PARTITION_COUNT: &str = "SELECT coalesce((SELECT partitions FROM annal_partition_counts WHERE projection = $1), \
+     (SELECT max(partition) + 1 FROM annal_checkpoints WHERE projection = $1))";
+
+pub(crate) const RECORD_PARTITION_COUNT: &str =
+    "INSERT INTO annal_partition_counts (projection, partitions) VALUES ($1, $2) ON CONFLICT (projection) DO NOTHING";
+
+pub(crate) const RESET_PARTITION_COUNT: &str = "DELETE FROM annal_partition_counts WHERE projection = $1";
+
+/// Gives projection $1's partition count to projection $2 (whose own is deleted first).
+pub(crate) const PROMOTE_PARTITION_COUNT: &str =
+    "UPDATE annal_partition_counts SET projection = $2 WHERE projection = $1";

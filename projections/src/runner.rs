@@ -267,8 +267,21 @@ impl Coordinator {
 
     async fn run(self, cancel: CancellationToken, crash: CancellationToken) -> Result<()> {
         let mut held: HashMap<u32, Held> = HashMap::new();
+        let mut claimed = false;
         let mut result = Ok(());
         while !cancel.is_cancelled() {
+            if !claimed {
+                match self.store.claim_partitions(self.name(), self.projection.partitions().max(1)).await {
+                    Ok(()) => claimed = true,
+                    Err(error @ Error::PartitionsChanged { .. }) => {
+                        tracing::error!(projection = self.name(), %error, "refusing to run the projection");
+                        return Err(error);
+                    }
+                    Err(error) => {
+                        tracing::warn!(projection = self.name(), %error, "could not check the partition count")
+                    }
+                }
+            }
             if crash.is_cancelled() {
                 // A simulated crash: workers stop, leases and registration are left to expire.
                 for (_, h) in held.drain() {
@@ -277,7 +290,8 @@ impl Coordinator {
                 }
                 return Ok(());
             }
-            match self.round(&mut held, &cancel).await {
+            let round = if claimed { self.round(&mut held, &cancel).await } else { Ok(()) };
+            match round {
                 Ok(()) => {}
                 Err(error @ Error::Stopped { .. }) => {
                     result = Err(error);

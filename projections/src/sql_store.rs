@@ -248,8 +248,27 @@ macro_rules! sql_projection_store {
                 Ok(())
             }
 
+            async fn claim_partitions(&self, projection: &str, partitions: u32) -> Result<()> {
+                let count = $int::try_from(partitions).unwrap_or($int::MAX);
+                let mut tx = self.pool.begin_with($begin).await?;
+                let stored: Option<$int> =
+                    sqlx::query_scalar($sql(queries::PARTITION_COUNT)).bind(projection).fetch_one(&mut *tx).await?;
+                if let Some(stored) = stored.filter(|stored| *stored != count) {
+                    tx.rollback().await?;
+                    return Err(crate::Error::PartitionsChanged {
+                        projection: projection.to_owned(),
+                        stored: u32::try_from(stored).unwrap_or_default(),
+                        configured: partitions,
+                    });
+                }
+                sqlx::query($sql(queries::RECORD_PARTITION_COUNT)).bind(projection).bind(count).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
             async fn reset(&self, projection: &str) -> Result<()> {
                 let mut tx = self.pool.begin_with($begin).await?;
+                sqlx::query($sql(queries::RESET_PARTITION_COUNT)).bind(projection).execute(&mut *tx).await?;
                 sqlx::query($sql(queries::RESET_CHECKPOINTS)).bind(projection).execute(&mut *tx).await?;
                 sqlx::query($sql(queries::RESET_DEAD_LETTERS)).bind(projection).execute(&mut *tx).await?;
                 tx.commit().await?;
@@ -261,6 +280,8 @@ macro_rules! sql_projection_store {
                 for statement in statements {
                     sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone())).execute(&mut *tx).await?;
                 }
+                sqlx::query($sql(queries::RESET_PARTITION_COUNT)).bind(live).execute(&mut *tx).await?;
+                sqlx::query($sql(queries::PROMOTE_PARTITION_COUNT)).bind(shadow).bind(live).execute(&mut *tx).await?;
                 sqlx::query($sql(queries::RESET_CHECKPOINTS)).bind(live).execute(&mut *tx).await?;
                 sqlx::query($sql(queries::PROMOTE_CHECKPOINTS)).bind(shadow).bind(live).execute(&mut *tx).await?;
                 sqlx::query($sql(queries::RESET_DEAD_LETTERS)).bind(live).execute(&mut *tx).await?;

@@ -197,6 +197,16 @@ pub trait ProjectionStore: Send + Sync {
     /// Says that runner `owner` has stopped running `projection`.
     async fn deregister_runner(&self, projection: &str, owner: &str) -> Result<()>;
 
+    /// Records that `projection` runs with `partitions` partitions, or refuses if its
+    /// checkpoints were made with another count: a stream's partition is its hash modulo the
+    /// count, so under another count some events would be applied twice and others skipped.
+    /// [`ProjectionStore::reset`] forgets the count (a rebuild may choose a new one), and
+    /// [`ProjectionStore::promote`] gives the shadow's count to the live projection.
+    ///
+    /// # Errors
+    /// [`Error::PartitionsChanged`](crate::Error::PartitionsChanged), store errors.
+    async fn claim_partitions(&self, projection: &str, partitions: u32) -> Result<()>;
+
     /// Forgets a projection's checkpoints and dead letters, so it starts again from the
     /// beginning (a rebuild; reset the read model in the same breath).
     async fn reset(&self, projection: &str) -> Result<()>;
