@@ -870,3 +870,84 @@ async fn many_projections_each_apply_exactly_their_events(backend: Backend) {
     }
     running.shutdown().await.unwrap();
 }
+
+/// An event the store cannot decode (written by hand here, with raw SQL) does not halt a
+/// projection: it is parked at once as a dead letter with the reason, the events after it are
+/// applied, and the later events of its stream wait behind it, as behind any parked event.
+async fn an_unreadable_event_is_parked_and_the_rest_flows(
+    backend: Backend,
+    write_bad: impl std::future::Future<Output = Uuid>,
+) {
+    let (before, _) = append(&*backend.events, "order", 3, 6).await;
+    let bad = write_bad.await; // stream order-9, version 0
+    let (after, last) = append(&*backend.events, "order", 3, 6).await;
+    let behind = NewEvent::new("Happened", json!({}));
+    let behind_id = behind.id;
+    let stream = StreamName::new("order-9").unwrap();
+    let last =
+        last.max(backend.events.append(&stream, ExpectedVersion::Exact(0), vec![behind]).await.unwrap().position());
+    let ledger = Arc::new(Ledger::new("unreadable"));
+    let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+        .with(ledger.clone(), quick_retries())
+        .unwrap()
+        .start();
+    assert!(matches!(running.wait_for("unreadable", last, PATIENCE).await, Err(Error::Parked { .. })));
+    let parked = backend.store.dead_letters("unreadable").await.unwrap();
+    assert_eq!(parked.iter().map(|d| d.event_id).collect::<Vec<_>>(), vec![bad, behind_id]);
+    assert!(parked[0].error.contains("cannot be read"), "{}", parked[0].error);
+    assert_eq!(parked[0].attempts, 1, "parked at once: no retry can decode it");
+    let applied: HashSet<Uuid> = before.iter().chain(&after).copied().collect();
+    assert_eq!(backend.ledger(&ledger).await, applied);
+    assert!(running.is_running("unreadable").unwrap());
+    running.shutdown().await.unwrap();
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_event_is_parked_and_the_rest_flows_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap();
+    let store = Arc::new(annal::projections::SqliteProjectionStore::new(&events).await.unwrap());
+    let pool = events.writer().clone();
+    let backend =
+        Backend { events: Arc::new(events), store: store.clone(), dedup: store, read: sql_ledger!(pool.clone()) };
+    let write_bad = async move {
+        let id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, \
+             metadata, recorded_at, stream_hash) VALUES (?, 'order-9', 'order', 0, 'Happened', 1, 'not json', '{}', 0, 0)",
+        )
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+        id
+    };
+    an_unreadable_event_is_parked_and_the_rest_flows(backend, write_bad).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_event_is_parked_and_the_rest_flows_on_postgres() {
+    let events = support::pg::fresh_store().await;
+    let store = Arc::new(annal::projections::PgProjectionStore::new(&events).await.unwrap());
+    let pool = events.pool().clone();
+    let backend =
+        Backend { events: Arc::new(events), store: store.clone(), dedup: store, read: sql_ledger!(pool.clone()) };
+    let write_bad = async move {
+        let id = Uuid::now_v7();
+        // JSON nested deeper than any decoder reads.
+        let deep = format!("{}1{}", "[".repeat(150), "]".repeat(150));
+        sqlx::query(
+            "INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, \
+             metadata, stream_hash) VALUES ($1, 'order-9', 'order', 0, 'Happened', 1, $2::jsonb, '{}'::jsonb, 0)",
+        )
+        .bind(id)
+        .bind(deep)
+        .execute(&pool)
+        .await
+        .unwrap();
+        id
+    };
+    an_unreadable_event_is_parked_and_the_rest_flows(backend, write_bad).await;
+}

@@ -398,6 +398,27 @@ pub(crate) fn decode_rows<R>(
     Ok((events, false))
 }
 
+impl UnreadableEvent {
+    /// A stand-in [`RecordedEvent`] for it, with its id, stream, version, position and type,
+    /// `null` data and empty metadata: what a dead-letter table keeps of an event, so that a
+    /// projection can park one it cannot read (the raw columns stay in the store, where
+    /// [`EventStore::read_event`](crate::EventStore::read_event) reports them). `None` when even
+    /// its id or its stream name cannot be read.
+    pub fn stand_in(&self) -> Option<RecordedEvent> {
+        Some(RecordedEvent {
+            id: self.id?,
+            stream: StreamName::new(&self.stream).ok()?,
+            version: self.version,
+            position: self.position,
+            event_type: self.event_type.clone(),
+            schema_version: 0,
+            data: Value::Null,
+            metadata: Metadata::default(),
+            recorded_at: Utc::now(),
+        })
+    }
+}
+
 /// A stored event's columns as the SQL backends fetch them, before the store's rules are
 /// applied: the one place both decode, so they accept and refuse the same rows.
 #[cfg(any(feature = "postgres", feature = "sqlite"))]

@@ -174,17 +174,25 @@ impl Worker<'_> {
             };
             let page = match page {
                 Ok(page) => page,
-                Err(error @ annal_eventstore::Error::Unreadable(_)) => {
-                    // The follower went past it, but the checkpoint may not: read it again
-                    // from the checkpoint after a pause, as any failed read.
-                    failures += 1;
-                    let pause = RetryPolicy::default().pause(failures);
-                    tracing::warn!(projection = self.name(), %error, ?pause, "reading events failed; retrying");
-                    follower.seek(checkpoint);
-                    tokio::select! {
-                        () = cancel.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(pause) => continue,
+                Err(annal_eventstore::Error::Unreadable(bad)) => {
+                    // No retry can decode it: park it at once (the follower already went past).
+                    match self.park_unreadable(checkpoint, &bad).await {
+                        Ok(true) => {
+                            checkpoint = bad.position;
+                            self.progress.reached();
+                        }
+                        Ok(false) => checkpoint = self.load_checkpoint().await?,
+                        Err(error @ Error::Stopped { .. }) => return Err(error),
+                        Err(error) => {
+                            tracing::warn!(projection = self.name(), %error, "could not park an unreadable event; retrying");
+                            follower.seek(checkpoint);
+                            tokio::select! {
+                                () = cancel.cancelled() => return Ok(()),
+                                () = tokio::time::sleep(RetryPolicy::default().pause(1)) => {}
+                            }
+                        }
                     }
+                    continue;
                 }
                 Err(error) => {
                     // The follower backs off before its next read.
@@ -397,6 +405,34 @@ impl Worker<'_> {
             at = page.next;
         }
         Ok(Outcome::At(at))
+    }
+
+    /// Parks an event the store cannot decode as a dead letter (its raw columns stay in the event
+    /// store), or, when not even its id or stream can be read, moves the checkpoint past it
+    /// with an error in the log. Under [`OnFailure::Stop`] the projection stops at it instead.
+    async fn park_unreadable(&self, at: Position, bad: &annal_eventstore::UnreadableEvent) -> Result<bool> {
+        let reason = format!("the stored event cannot be read: {}", bad.reason);
+        if self.options.on_failure == OnFailure::Stop {
+            return Err(Error::Stopped {
+                projection: self.name().to_owned(),
+                event_id: bad.id.unwrap_or_default(),
+                position: bad.position,
+                attempts: 1,
+                reason,
+            });
+        }
+        tracing::warn!(projection = self.name(), position = %bad.position, stream = %bad.stream, %reason,
+            "parking an unreadable event");
+        match bad.stand_in() {
+            Some(event) => self.park(at, &event, &reason, 1).await,
+            None => {
+                tracing::error!(projection = self.name(), position = %bad.position, %reason,
+                    "an unreadable event without a readable id or stream cannot be parked; passing it");
+                self.store
+                    .advance(self.name(), self.options.partition, at, bad.position, None, self.fence.as_ref())
+                    .await
+            }
+        }
     }
 
     async fn park(&self, at: Position, event: &RecordedEvent, error: &str, attempts: u32) -> Result<bool> {
