@@ -10,6 +10,7 @@
 mod aggregate;
 mod appends;
 mod charts;
+mod commands;
 mod cpu;
 mod db;
 mod fanout;
@@ -65,6 +66,8 @@ enum Suite {
     Rebuild,
     /// One against 500 subscriptions.
     Fanout,
+    /// `Repository::execute` at 1, 4 and 16 tasks against single-row and 50-row INSERTs.
+    Commands,
     /// Loading a 10k-event aggregate with and without a snapshot.
     Aggregate,
     /// SQLite appends and lag.
@@ -134,6 +137,10 @@ async fn main() -> anyhow::Result<()> {
         let (measurements, throughput) = appends::postgres(&admin, &url, plan).await?;
         report.extend(measurements);
         charts.throughput = throughput;
+    }
+    if wanted(Suite::Commands) {
+        eprintln!("== commands");
+        report.extend(commands::postgres(&admin, &url, plan).await?);
     }
     if wanted(Suite::Bulk) {
         eprintln!("== bulk");
