@@ -5,7 +5,8 @@
 //! W tasks (1, 4, 16) each own 100 aggregates and cycle through them one command at a time, so
 //! every command loads a real stream (tens of events) and never conflicts with another task.
 //! After a warm-up, a command counts when it completes inside the window. After each run the
-//! stored events are counted: they must equal the commands that succeeded.
+//! stored events are counted: they must equal the commands that succeeded. Each is measured
+//! without and with the aggregate cache, and with snapshots every 50 events.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +35,26 @@ enum CounterEvent {
 #[aggregate(category = "counter", event = CounterEvent, id = String)]
 struct Counter {
     total: u64,
+}
+
+/// The same counter, snapshotted every 50 events.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, Aggregate)]
+#[aggregate(category = "counter", event = CounterEvent, id = String, snapshot(every = 50))]
+struct SnapshottedCounter {
+    total: u64,
+}
+
+impl Decide for SnapshottedCounter {
+    type Command = Increment;
+    type Error = std::convert::Infallible;
+
+    fn handle(&self, command: Increment) -> Result<Vec<CounterEvent>, Self::Error> {
+        Counter::default().handle(command)
+    }
+
+    fn apply(&mut self, CounterEvent::Incremented { by, .. }: &CounterEvent) {
+        self.total += by;
+    }
 }
 
 /// The command.
@@ -67,6 +88,10 @@ enum Target {
     Annal,
     /// `Repository::execute` with the aggregate cache.
     AnnalCached,
+    /// `Repository::execute`, snapshots every 50 events, no cache.
+    AnnalSnapshots,
+    /// `Repository::execute`, snapshots every 50 events, with the aggregate cache.
+    AnnalSnapshotsCached,
     /// One single-row `INSERT` transaction per command, through sqlx.
     Raw1,
     /// 50-row `INSERT` transactions (a row counts as a command).
@@ -95,10 +120,19 @@ pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::R
     let mut rows = Vec::new();
     for writers in [1, 4, 16] {
         let mut outcomes = Vec::new();
-        for target in [Target::Raw1, Target::Annal, Target::AnnalCached, Target::Raw50] {
+        let targets = [
+            Target::Raw1,
+            Target::Annal,
+            Target::AnnalCached,
+            Target::AnnalSnapshots,
+            Target::AnnalSnapshotsCached,
+            Target::Raw50,
+        ];
+        for target in targets {
             outcomes.push(run(target, &store, &raw, writers, warm_up, window).await?);
         }
-        let [raw1, annal, cached, raw50] = <[Outcome; 4]>::try_from(outcomes).map_err(|_| anyhow::anyhow!("4 runs"))?;
+        let [raw1, annal, cached, snapshots, snapshots_cached, raw50] =
+            <[Outcome; 6]>::try_from(outcomes).map_err(|_| anyhow::anyhow!("6 runs"))?;
         let goal = if writers == 16 { 1.0 } else { 0.9 };
         let note = |o: &Outcome| {
             format!(
@@ -129,6 +163,30 @@ pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::R
             )
             .ratio_at_least(goal)
             .note(note(&cached)),
+        );
+        rows.push(
+            Measurement::against(
+                format!("PostgreSQL commands, {writers} tasks, snapshot(every = 50), no cache"),
+                snapshots.rate,
+                "commands/s",
+                Better::Higher,
+                "no snapshots, no cache",
+                annal.rate,
+            )
+            .ratio_at_least(1.0)
+            .note(note(&snapshots)),
+        );
+        rows.push(
+            Measurement::against(
+                format!("PostgreSQL commands, {writers} tasks, snapshot(every = 50), with cache"),
+                snapshots_cached.rate,
+                "commands/s",
+                Better::Higher,
+                "no snapshots, with cache",
+                cached.rate,
+            )
+            .ratio_at_least(1.0)
+            .note(note(&snapshots_cached)),
         );
         rows.push(Measurement::against(
             format!("PostgreSQL commands, {writers} tasks, against 50-row INSERT transactions"),
@@ -187,10 +245,10 @@ async fn run(
         tasks.push(tokio::spawn(async move {
             let mut latencies = Latencies::new()?;
             let (mut succeeded, mut counted) = (0u64, 0u64);
-            let repository = match target {
-                Target::AnnalCached => Repository::<Counter, _>::new(store).with_cache(AGGREGATES),
-                _ => Repository::<Counter, _>::new(store),
-            };
+            let cached = matches!(target, Target::AnnalCached | Target::AnnalSnapshotsCached);
+            let capacity = if cached { AGGREGATES } else { 0 };
+            let plain = Repository::<Counter, _>::new(store.clone()).with_cache(capacity);
+            let snapshotted = Repository::<SnapshottedCounter, _>::new(store).with_cache(capacity);
             let mut versions = vec![0i64; AGGREGATES];
             start.wait().await;
             tokio::time::sleep_until(began.into()).await;
@@ -199,7 +257,11 @@ async fn run(
                 let t0 = Instant::now();
                 let n = match target {
                     Target::Annal | Target::AnnalCached => {
-                        repository.execute(&ids[i], Increment { by: 1 }).await?;
+                        plain.execute(&ids[i], Increment { by: 1 }).await?;
+                        1
+                    }
+                    Target::AnnalSnapshots | Target::AnnalSnapshotsCached => {
+                        snapshotted.execute(&ids[i], Increment { by: 1 }).await?;
                         1
                     }
                     Target::Raw1 | Target::Raw50 => {
@@ -231,7 +293,7 @@ async fn run(
         counted += c;
         latencies.merge(&l)?;
     }
-    let pool = if matches!(target, Target::Annal | Target::AnnalCached) { store.pool() } else { raw };
+    let pool = if matches!(target, Target::Raw1 | Target::Raw50) { raw } else { store.pool() };
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM annal_events WHERE stream LIKE $1")
         .bind(format!("counter-{run}x%"))
         .fetch_one(pool)
