@@ -505,3 +505,41 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(capacity: usize) -> Cache<u64> {
+        Cache { entries: Mutex::new(LruCache::new(capacity)), duplicate: |n| *n }
+    }
+
+    fn stream(n: u32) -> StreamName {
+        StreamName::from_parts("counter", n).unwrap()
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_its_capacity_and_drops_the_least_recently_used() {
+        let cache = cache(2);
+        cache.put(&stream(1), &10, Some(0));
+        cache.put(&stream(2), &20, Some(0));
+        assert_eq!(cache.get(&stream(1)), Some((10, Some(0))));
+        // 1 was used last, so 2 makes room for 3.
+        cache.put(&stream(3), &30, Some(0));
+        assert_eq!(cache.get(&stream(2)), None);
+        assert_eq!(cache.get(&stream(1)), Some((10, Some(0))));
+        assert_eq!(cache.get(&stream(3)), Some((30, Some(0))));
+        cache.evict(&stream(3));
+        assert_eq!(cache.get(&stream(3)), None);
+    }
+
+    #[test]
+    fn a_late_put_never_replaces_a_newer_version() {
+        let cache = cache(4);
+        cache.put(&stream(1), &12, Some(5));
+        cache.put(&stream(1), &11, Some(4));
+        assert_eq!(cache.get(&stream(1)), Some((12, Some(5))));
+        cache.put(&stream(1), &13, Some(6));
+        assert_eq!(cache.get(&stream(1)), Some((13, Some(6))));
+    }
+}
