@@ -88,6 +88,10 @@ impl<E> CommandError<E> {
 /// a short, random, growing pause (up to 1, 2, 4, ... ms, at most 50 ms), so that writers racing
 /// for one busy stream take turns instead of the last winner winning again.
 ///
+/// [`with_cache`](Repository::with_cache) keeps recently used aggregates in memory so that a
+/// command skips the load; the expected version still guards every append, so a stale copy
+/// costs a reload, never a wrong decision.
+///
 /// ```
 /// # use annal_eventstore::*;
 /// # #[derive(Debug, Clone, PartialEq)] enum CounterEvent { Added(u64) }
