@@ -76,26 +76,41 @@ fn full_replay(events: &[RecordedEvent]) -> Account {
     annal::replay::<Account>(&decoded)
 }
 
+/// Every case on every backend, once with repositories that load every aggregate and once
+/// with the aggregate cache on (`Repository::with_cache`).
 macro_rules! backends {
     ($($case:ident),* $(,)?) => {
-        mod memory {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() { super::$case(annal::MemoryEventStore::new()).await; })*
-        }
-        #[cfg(feature = "sqlite")]
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                let dir = tempfile::tempdir().unwrap();
-                super::$case(annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap()).await;
-            })*
-        }
-        #[cfg(feature = "postgres")]
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() { super::$case(crate::support::pg::fresh_store().await).await; })*
+        backends!(@cache uncached false; $($case),*);
+        backends!(@cache cached true; $($case),*);
+    };
+    (@cache $mode:ident $cached:literal; $($case:ident),*) => {
+        mod $mode {
+            mod memory {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() { crate::$case(annal::MemoryEventStore::new(), $cached).await; })*
+            }
+            #[cfg(feature = "sqlite")]
+            mod sqlite {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap();
+                    crate::$case(store, $cached).await;
+                })*
+            }
+            #[cfg(feature = "postgres")]
+            mod postgres {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() { crate::$case(crate::support::pg::fresh_store().await, $cached).await; })*
+            }
         }
     };
+}
+
+/// A repository of `A`, with the aggregate cache when `cached`.
+fn new_repository<A: Decide + Clone, S: EventStore>(store: S, cached: bool) -> Repository<A, S> {
+    let repository = Repository::new(store);
+    if cached { repository.with_cache(16) } else { repository }
 }
 
 backends!(
@@ -107,11 +122,12 @@ backends!(
     a_repeated_command_id_takes_effect_once,
     a_repeat_returns_the_original_outcome_whatever_happened_since,
     concurrent_calls_with_one_command_id_write_once_and_say_so,
-    one_command_id_on_two_aggregates_is_two_commands
+    one_command_id_on_two_aggregates_is_two_commands,
+    a_stale_cache_is_corrected_never_used
 );
 
-async fn a_repeated_command_id_takes_effect_once<S: EventStore + Clone + 'static>(store: S) {
-    let repository = Repository::<Account, _>::new(store.clone());
+async fn a_repeated_command_id_takes_effect_once<S: EventStore + Clone + 'static>(store: S, cached: bool) {
+    let repository = new_repository::<Account, _>(store.clone(), cached);
     let command_id = Uuid::now_v7();
     let deposit = || AccountCommand::Deposit(10);
     let first = repository.execute_once(&8, command_id, deposit(), Metadata::default()).await.unwrap();
@@ -131,8 +147,11 @@ async fn a_repeated_command_id_takes_effect_once<S: EventStore + Clone + 'static
 
 /// (b) of the review: the first withdrawal drained the account; its repeat must not be decided
 /// again (it would be rejected for insufficient funds) but answered with the original events.
-async fn a_repeat_returns_the_original_outcome_whatever_happened_since<S: EventStore + Clone + 'static>(store: S) {
-    let repository = Repository::<Account, _>::new(store.clone());
+async fn a_repeat_returns_the_original_outcome_whatever_happened_since<S: EventStore + Clone + 'static>(
+    store: S,
+    cached: bool,
+) {
+    let repository = new_repository::<Account, _>(store.clone(), cached);
     repository.execute(&21, AccountCommand::Deposit(50)).await.unwrap();
     let command_id = Uuid::now_v7();
     let withdraw = || AccountCommand::Withdraw(50);
@@ -152,9 +171,12 @@ async fn a_repeat_returns_the_original_outcome_whatever_happened_since<S: EventS
 
 /// (a) of the review: of concurrent calls with one command id, exactly one writes; every other
 /// call says it was a repeat and returns the same events.
-async fn concurrent_calls_with_one_command_id_write_once_and_say_so<S: EventStore + Clone + 'static>(store: S) {
+async fn concurrent_calls_with_one_command_id_write_once_and_say_so<S: EventStore + Clone + 'static>(
+    store: S,
+    cached: bool,
+) {
     const CALLS: usize = 12;
-    let repository = Repository::<Account, _>::new(store.clone()).with_max_retries(CALLS);
+    let repository = new_repository::<Account, _>(store.clone(), cached).with_max_retries(CALLS);
     repository.execute(&22, AccountCommand::Deposit(100)).await.unwrap();
     for round in 0..5 {
         let command_id = Uuid::now_v7();
@@ -185,8 +207,8 @@ async fn concurrent_calls_with_one_command_id_write_once_and_say_so<S: EventStor
 
 /// (c) of the review: the key is scoped to the aggregate, so the same command id on another
 /// aggregate is another command, never a silent drop.
-async fn one_command_id_on_two_aggregates_is_two_commands<S: EventStore + Clone + 'static>(store: S) {
-    let repository = Repository::<Account, _>::new(store.clone());
+async fn one_command_id_on_two_aggregates_is_two_commands<S: EventStore + Clone + 'static>(store: S, cached: bool) {
+    let repository = new_repository::<Account, _>(store.clone(), cached);
     let command_id = Uuid::now_v7();
     let a = repository.execute_once(&23, command_id, AccountCommand::Deposit(5), Metadata::default()).await.unwrap();
     let b = repository.execute_once(&24, command_id, AccountCommand::Deposit(6), Metadata::default()).await.unwrap();
@@ -196,10 +218,42 @@ async fn one_command_id_on_two_aggregates_is_two_commands<S: EventStore + Clone 
     assert_eq!(repository.load(&24).await.unwrap().state.balance, 6);
 }
 
-async fn concurrent_commands_lose_no_update<S: EventStore + Clone + 'static>(store: S) {
+/// Another writer (another process, or a repository without this cache) changes an aggregate
+/// behind a cached copy: the cached state is never what a command is finally decided on. A
+/// command it would accept hits the conflict path and is decided again on the stored state; a
+/// command it would refuse is decided again on the stored state before being refused.
+async fn a_stale_cache_is_corrected_never_used<S: EventStore + Clone + 'static>(store: S, _cached: bool) {
+    use AccountCommand::{Deposit, Withdraw};
+    let ours = Repository::<Account, _>::new(store.clone()).with_cache(16);
+    let theirs = Repository::<Account, _>::new(store.clone());
+    ours.execute(&3, Deposit(100)).await.unwrap();
+    theirs.execute(&3, Withdraw(100)).await.unwrap();
+    // Cached: balance 100, which would allow it. Stored: 0.
+    let refused = ours.execute(&3, Withdraw(60)).await.unwrap_err();
+    assert!(
+        matches!(refused, CommandError::Rejected(AccountError::InsufficientFunds { balance: 0, requested: 60 })),
+        "{refused:?}"
+    );
+    ours.execute(&3, Deposit(10)).await.unwrap();
+    theirs.execute(&3, Deposit(500)).await.unwrap();
+    // Cached: balance 10, which would refuse it. Stored: 510.
+    let done = ours.execute(&3, Withdraw(300)).await.unwrap();
+    assert_eq!((done.state.balance, done.version), (210, Some(4)));
+    theirs.execute(&3, Deposit(1)).await.unwrap();
+    // Cached: 210 at version 4; the append expecting version 4 conflicts, and the command lands
+    // on the stored state, without spending a retry.
+    let done = ours.with_max_retries(0).execute(&3, Deposit(1)).await.unwrap();
+    assert_eq!((done.state.balance, done.version), (212, Some(6)));
+    let events = history(&store, 3).await;
+    assert_eq!(events.iter().map(|e| e.version).collect::<Vec<_>>(), (0..=6).collect::<Vec<_>>());
+    assert_eq!(full_replay(&events), done.state);
+    assert_eq!(theirs.load(&3).await.unwrap().state, done.state);
+}
+
+async fn concurrent_commands_lose_no_update<S: EventStore + Clone + 'static>(store: S, cached: bool) {
     const TASKS: u64 = 8;
     const COMMANDS: u64 = 15;
-    let repository = Repository::<Account, _>::new(store.clone()).with_max_retries(1_000);
+    let repository = new_repository::<Account, _>(store.clone(), cached).with_max_retries(1_000);
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
             let repository = repository.clone();
@@ -231,8 +285,8 @@ async fn concurrent_commands_lose_no_update<S: EventStore + Clone + 'static>(sto
     assert_eq!(loaded.state, full_replay(&events));
 }
 
-async fn metadata_flows_into_every_event<S: EventStore + Clone + 'static>(store: S) {
-    let repository = Repository::<Account, _>::new(store.clone());
+async fn metadata_flows_into_every_event<S: EventStore + Clone + 'static>(store: S, cached: bool) {
+    let repository = new_repository::<Account, _>(store.clone(), cached);
     let (correlation, causation) = (Uuid::now_v7(), Uuid::now_v7());
     let metadata =
         Metadata::default().with_correlation_id(correlation).with_causation_id(causation).with("user", "ada");
@@ -245,8 +299,8 @@ async fn metadata_flows_into_every_event<S: EventStore + Clone + 'static>(store:
     assert_eq!((events[0].event_type.as_str(), events[0].schema_version), ("Deposited", 1));
 }
 
-async fn snapshots_never_change_what_load_returns<S: EventStore + Clone + 'static>(store: S) {
-    let repository = Repository::<Account, _>::new(store.clone());
+async fn snapshots_never_change_what_load_returns<S: EventStore + Clone + 'static>(store: S, cached: bool) {
+    let repository = new_repository::<Account, _>(store.clone(), cached);
     for i in 1..=10 {
         repository.execute(&3, AccountCommand::Deposit(i)).await.unwrap();
     }
@@ -265,8 +319,8 @@ async fn snapshots_never_change_what_load_returns<S: EventStore + Clone + 'stati
     assert_eq!(repository.load(&3).await.unwrap(), loaded);
 }
 
-async fn rejected_commands_write_nothing<S: EventStore + Clone + 'static>(store: S) {
-    let repository = Repository::<Account, _>::new(store.clone());
+async fn rejected_commands_write_nothing<S: EventStore + Clone + 'static>(store: S, cached: bool) {
+    let repository = new_repository::<Account, _>(store.clone(), cached);
     repository.execute(&4, AccountCommand::Deposit(10)).await.unwrap();
     match repository.execute(&4, AccountCommand::Withdraw(11)).await {
         Err(CommandError::Rejected(e)) => {
@@ -323,15 +377,15 @@ impl<S: EventStore> EventStore for Racing<S> {
     }
 }
 
-async fn conflicts_are_retried_then_reported<S: EventStore + Clone + 'static>(store: S) {
+async fn conflicts_are_retried_then_reported<S: EventStore + Clone + 'static>(store: S, cached: bool) {
     let racing = Racing { inner: store.clone(), remaining: std::sync::Arc::new(AtomicU64::new(2)) };
     // Two intruders, two retries: the third try lands, deciding on the state the intruders left.
-    let repository = Repository::<Account, _>::new(racing.clone()).with_max_retries(2);
+    let repository = new_repository::<Account, _>(racing.clone(), cached).with_max_retries(2);
     let done = repository.execute(&5, AccountCommand::Deposit(100)).await.unwrap();
     assert_eq!((done.state.balance, done.version), (2100, Some(2)));
     // One intruder, no retries: the conflict comes back typed, and nothing of ours is written.
     racing.remaining.store(1, Ordering::SeqCst);
-    let strict = Repository::<Account, _>::new(racing).with_max_retries(0);
+    let strict = new_repository::<Account, _>(racing, cached).with_max_retries(0);
     let err = strict.execute(&5, AccountCommand::Deposit(1)).await.unwrap_err();
     assert!(err.is_conflict(), "{err}");
     assert!(matches!(err, CommandError::Store(annal::Error::Conflict { actual: Some(3), .. })), "{err:?}");

@@ -258,7 +258,7 @@ async fn run(target: &Target, shape: Shape, duration: Duration) -> anyhow::Resul
     })
 }
 
-const RAW_INSERT: &str = "INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata) \
+pub(crate) const RAW_INSERT: &str = "INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata) \
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int4[], $7::jsonb[], $8::jsonb[])";
 const RAW_INSERT_NOTIFY: &str = "WITH ins AS (INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata) \
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int4[], $7::jsonb[], $8::jsonb[]) RETURNING 1) \

@@ -9,7 +9,9 @@
 
 mod aggregate;
 mod appends;
+mod catchup;
 mod charts;
+mod commands;
 mod cpu;
 mod db;
 mod fanout;
@@ -65,6 +67,10 @@ enum Suite {
     Rebuild,
     /// One against 500 subscriptions.
     Fanout,
+    /// `Repository::execute` at 1, 4 and 16 tasks against single-row and 50-row INSERTs.
+    Commands,
+    /// A subscription catching up on 1M stored events against a keyset query, PostgreSQL and SQLite.
+    Catchup,
     /// Loading a 10k-event aggregate with and without a snapshot.
     Aggregate,
     /// SQLite appends and lag.
@@ -134,6 +140,15 @@ async fn main() -> anyhow::Result<()> {
         let (measurements, throughput) = appends::postgres(&admin, &url, plan).await?;
         report.extend(measurements);
         charts.throughput = throughput;
+    }
+    if wanted(Suite::Commands) {
+        eprintln!("== commands");
+        report.extend(commands::postgres(&admin, &url, plan).await?);
+    }
+    if wanted(Suite::Catchup) {
+        eprintln!("== catch-up");
+        report.extend(catchup::postgres(&admin, &url, plan).await?);
+        report.extend(catchup::sqlite(plan).await?);
     }
     if wanted(Suite::Bulk) {
         eprintln!("== bulk");

@@ -2,6 +2,9 @@
 //! conflict.
 
 use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use hashlink::LruCache;
 
 use futures::TryStreamExt;
 use uuid::Uuid;
@@ -85,6 +88,10 @@ impl<E> CommandError<E> {
 /// a short, random, growing pause (up to 1, 2, 4, ... ms, at most 50 ms), so that writers racing
 /// for one busy stream take turns instead of the last winner winning again.
 ///
+/// [`with_cache`](Repository::with_cache) keeps recently used aggregates in memory so that a
+/// command skips the load; the expected version still guards every append, so a stale copy
+/// costs a reload, never a wrong decision.
+///
 /// ```
 /// # use annal_eventstore::*;
 /// # #[derive(Debug, Clone, PartialEq)] enum CounterEvent { Added(u64) }
@@ -127,13 +134,50 @@ impl<E> CommandError<E> {
 pub struct Repository<A, S> {
     store: S,
     max_retries: usize,
+    cache: Option<Arc<Cache<A>>>,
     _aggregate: PhantomData<fn() -> A>,
+}
+
+/// Recently used aggregates, by stream: state and version as of the last command this
+/// repository (or a clone) committed on them. Only a shortcut: an entry is used to decide, and
+/// the append's expected version checks it; see [`Repository::with_cache`].
+struct Cache<A> {
+    entries: Mutex<LruCache<String, (A, Option<u64>)>>,
+    /// `A::clone`, captured where `A: Clone` is known, so that the repository's other methods
+    /// need no such bound.
+    duplicate: fn(&A) -> A,
+}
+
+impl<A> Cache<A> {
+    fn get(&self, stream: &StreamName) -> Option<(A, Option<u64>)> {
+        let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        entries.get(stream.as_str()).map(|(state, version)| ((self.duplicate)(state), *version))
+    }
+
+    /// Keeps `state` at `version` unless a newer version is cached already (a concurrent
+    /// command on the same aggregate committed after this one).
+    fn put(&self, stream: &StreamName, state: &A, version: Option<u64>) {
+        let mut entries = self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if entries.peek(stream.as_str()).is_some_and(|(_, cached)| *cached > version) {
+            return;
+        }
+        entries.insert(stream.as_str().to_owned(), ((self.duplicate)(state), version));
+    }
+
+    fn evict(&self, stream: &StreamName) {
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(stream.as_str());
+    }
 }
 
 // Written by hand: derived impls would needlessly require `A: Clone` / `A: Debug`.
 impl<A, S: Clone> Clone for Repository<A, S> {
     fn clone(&self) -> Self {
-        Repository { store: self.store.clone(), max_retries: self.max_retries, _aggregate: PhantomData }
+        Repository {
+            store: self.store.clone(),
+            max_retries: self.max_retries,
+            cache: self.cache.clone(),
+            _aggregate: PhantomData,
+        }
     }
 }
 
@@ -143,6 +187,7 @@ impl<A, S: std::fmt::Debug> std::fmt::Debug for Repository<A, S> {
             .field("aggregate", &std::any::type_name::<A>())
             .field("store", &self.store)
             .field("max_retries", &self.max_retries)
+            .field("cache", &self.cache.as_ref().map(|c| c.entries.lock().map_or(0, |e| e.capacity())))
             .finish()
     }
 }
@@ -166,10 +211,30 @@ fn retry_pause(retry: usize) -> std::time::Duration {
     std::time::Duration::from_micros(random)
 }
 
+impl<A: Decide + Clone, S: EventStore> Repository<A, S> {
+    /// Keeps the state and version of up to `capacity` recently used aggregates in memory
+    /// (shared by this repository's clones), so that a command on one of them skips the load:
+    /// no snapshot read, no replay, one round trip (the append) instead of two or three.
+    ///
+    /// The cache is only a shortcut; correctness never depends on it. A command decided on a
+    /// cached state is appended with that state's version as the expected version, so if
+    /// another process (or another repository) wrote to the stream since, the append conflicts:
+    /// the entry is evicted and the command is decided again on a fresh load, without counting
+    /// as a retry. A command that a cached state refuses, or that decides nothing, is decided
+    /// again on a fresh load too, so a stale entry never refuses a command the stored state
+    /// would accept. `capacity` 0 turns the cache off. See `docs/aggregates.md` for when to
+    /// leave it off.
+    pub fn with_cache(mut self, capacity: usize) -> Self {
+        self.cache = (capacity > 0)
+            .then(|| Arc::new(Cache { entries: Mutex::new(LruCache::new(capacity)), duplicate: <A as Clone>::clone }));
+        self
+    }
+}
+
 impl<A: Decide, S: EventStore> Repository<A, S> {
     /// A repository of `A` aggregates in `store`.
     pub fn new(store: S) -> Self {
-        Repository { store, max_retries: 3, _aggregate: PhantomData }
+        Repository { store, max_retries: 3, cache: None, _aggregate: PhantomData }
     }
 
     /// How many times a command is decided again after a conflict (default 3).
@@ -294,19 +359,38 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
     {
         let stream = A::stream_name(id)?;
         let mut retries = 0;
+        // Whether the next attempt may decide on a cached state: until the cache has been
+        // proven wrong once in this call.
+        let mut trust_cache = true;
         loop {
-            let Loaded { mut state, version } = self.load_stream(&stream).await?;
+            let cached = self.cache.as_ref().filter(|_| trust_cache).and_then(|cache| cache.get(&stream));
+            let from_cache = cached.is_some();
+            let Loaded { mut state, version } = match cached {
+                Some((state, version)) => Loaded { state, version },
+                None => self.load_stream(&stream).await?,
+            };
             let repeated =
                 |state, version, events| Executed { state, version, events, attempts: retries + 1, repeated: true };
             if let Some(command_id) = command_id
                 && let Some(events) = self.executed_before(&stream, command_id).await?
             {
+                self.evict(&stream);
                 return Ok(repeated(state, version, events));
             }
-            let events = state.handle(command.clone()).map_err(CommandError::Rejected)?;
-            if events.is_empty() {
-                return Ok(Executed { state, version, events: Vec::new(), attempts: retries + 1, repeated: false });
-            }
+            let events = match state.handle(command.clone()) {
+                Ok(events) if !events.is_empty() => events,
+                // A refusal or a no-op is only final on the stored state: a cached one may be
+                // stale, and nothing would be appended to find out.
+                _ if from_cache => {
+                    self.evict(&stream);
+                    trust_cache = false;
+                    continue;
+                }
+                Ok(_) => {
+                    return Ok(Executed { state, version, events: Vec::new(), attempts: retries + 1, repeated: false });
+                }
+                Err(rejected) => return Err(CommandError::Rejected(rejected)),
+            };
             let new = events
                 .iter()
                 .enumerate()
@@ -325,6 +409,7 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
                     | matches!(&appended, Err(Error::DuplicateEvents { .. }))
             {
                 // A concurrent call with this command id wrote first: report what it wrote.
+                self.evict(&stream);
                 if let Some(events) = self.executed_before(&stream, command_id).await? {
                     let Loaded { state, version } = self.load_stream(&stream).await?;
                     return Ok(repeated(state, version, events));
@@ -336,6 +421,9 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
             match appended {
                 Ok(written) => {
                     events.iter().for_each(|e| state.apply(e));
+                    if let Some(cache) = &self.cache {
+                        cache.put(&stream, &state, Some(written.version));
+                    }
                     self.snapshot_if_due(&stream, &state, version, written.version).await;
                     let first = version.map_or(0, |v| v + 1);
                     let committed = events
@@ -358,13 +446,29 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
                         repeated: false,
                     });
                 }
+                // Someone else wrote since the cached state: decide again on the stored one.
+                Err(error) if error.is_conflict() && from_cache => {
+                    self.evict(&stream);
+                    trust_cache = false;
+                    tracing::debug!(%stream, "stale cached aggregate; reloading and deciding again");
+                }
                 Err(error) if error.is_conflict() && retries < self.max_retries => {
+                    self.evict(&stream);
                     retries += 1;
                     tracing::debug!(%stream, retries, "conflict; reloading and deciding again");
                     tokio::time::sleep(retry_pause(retries)).await;
                 }
-                Err(error) => return Err(error.into()),
+                Err(error) => {
+                    self.evict(&stream);
+                    return Err(error.into());
+                }
             }
+        }
+    }
+
+    fn evict(&self, stream: &StreamName) {
+        if let Some(cache) = &self.cache {
+            cache.evict(stream);
         }
     }
 
@@ -403,5 +507,43 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
         if let Err(error) = saved {
             tracing::warn!(%stream, version = after, %error, "could not write a snapshot");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(capacity: usize) -> Cache<u64> {
+        Cache { entries: Mutex::new(LruCache::new(capacity)), duplicate: |n| *n }
+    }
+
+    fn stream(n: u32) -> StreamName {
+        StreamName::from_parts("counter", n).unwrap()
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_its_capacity_and_drops_the_least_recently_used() {
+        let cache = cache(2);
+        cache.put(&stream(1), &10, Some(0));
+        cache.put(&stream(2), &20, Some(0));
+        assert_eq!(cache.get(&stream(1)), Some((10, Some(0))));
+        // 1 was used last, so 2 makes room for 3.
+        cache.put(&stream(3), &30, Some(0));
+        assert_eq!(cache.get(&stream(2)), None);
+        assert_eq!(cache.get(&stream(1)), Some((10, Some(0))));
+        assert_eq!(cache.get(&stream(3)), Some((30, Some(0))));
+        cache.evict(&stream(3));
+        assert_eq!(cache.get(&stream(3)), None);
+    }
+
+    #[test]
+    fn a_late_put_never_replaces_a_newer_version() {
+        let cache = cache(4);
+        cache.put(&stream(1), &12, Some(5));
+        cache.put(&stream(1), &11, Some(4));
+        assert_eq!(cache.get(&stream(1)), Some((12, Some(5))));
+        cache.put(&stream(1), &13, Some(6));
+        assert_eq!(cache.get(&stream(1)), Some((13, Some(6))));
     }
 }

@@ -62,10 +62,15 @@ impl PgEventStore {
     /// Connects to the database at `url` (a pool of 10 connections) and brings the schema up to
     /// date.
     ///
+    /// The pool does not test a connection before handing it out (sqlx's default does, one
+    /// round trip per acquire): sqlx already tests each connection when it is released, closing
+    /// a broken one, and a connection that breaks in between fails that one call with
+    /// [`Error::Backend`], as it would after the test anyway.
+    ///
     /// # Errors
     /// [`Error::Backend`] if the database cannot be reached or migrated.
     pub async fn connect(url: &str) -> Result<Self> {
-        Self::from_pool(PgPoolOptions::new().max_connections(10).connect(url).await?).await
+        Self::from_pool(PgPoolOptions::new().max_connections(10).test_before_acquire(false).connect(url).await?).await
     }
 
     /// Uses an existing pool, bringing the schema up to date first. The tables are created in

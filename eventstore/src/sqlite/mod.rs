@@ -92,11 +92,19 @@ impl SqliteEventStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let writer =
-            again_if_raced(|| SqlitePoolOptions::new().max_connections(1).connect_with(options.clone())).await?;
+        // No test per acquire (sqlx tests every connection when it is released already, and a
+        // file has no network to break): it would cost each call a trip to the worker thread.
+        let writer = again_if_raced(|| {
+            SqlitePoolOptions::new().max_connections(1).test_before_acquire(false).connect_with(options.clone())
+        })
+        .await?;
         Self::run_migrations(&migrator(), &writer).await.map_err(Error::backend)?;
         hash_old_streams(&writer).await?;
-        let readers = SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .test_before_acquire(false)
+            .connect_with(options.read_only(true))
+            .await?;
         Ok(SqliteEventStore { writer, readers, notifier: Notifier::new(), max_event_size: DEFAULT_MAX_EVENT_SIZE })
     }
 
