@@ -22,9 +22,37 @@ pub struct Config {
     /// How long a partition lease lasts, in seconds (default 10).
     #[serde(default = "default_lease")]
     pub lease_seconds: f64,
+    /// When `/health/ready` fails, beyond a stopped partition or an unreadable log.
+    #[serde(default)]
+    pub health: HealthConfig,
     /// The declarative SQL projections.
     #[serde(default, rename = "projection")]
     pub projections: Vec<SqlProjectionConfig>,
+}
+
+/// Readiness thresholds (`[health]`): `/health/ready` answers 503 when a projection partition
+/// passes one. Each is off when left out.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct HealthConfig {
+    /// The most events a partition may be behind the head.
+    pub max_events_behind: Option<u64>,
+    /// The most seconds a partition may be behind (the age of its oldest unapplied event).
+    pub max_seconds_behind: Option<f64>,
+    /// The most dead letters a projection may have.
+    pub max_dead_letters: Option<u64>,
+}
+
+/// `on_failure` of a projection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailureConfig {
+    /// Park the event as a dead letter and go on.
+    #[default]
+    Park,
+    /// Stop the projection at the event (`/health/ready` then fails with `stopped`).
+    Stop,
 }
 
 fn default_listen() -> String {
@@ -56,6 +84,10 @@ pub struct SqlProjectionConfig {
     /// The first pause between attempts, in milliseconds (default 100; it doubles, up to 60 s).
     #[serde(default = "default_retry_ms")]
     pub retry_initial_ms: u64,
+    /// What happens to an event that still fails after its attempts: `"park"` it as a dead
+    /// letter and go on (the default), or `"stop"` the projection at it.
+    #[serde(default)]
+    pub on_failure: OnFailureConfig,
     /// Statements run once before the projection starts (create its tables).
     #[serde(default)]
     pub setup: Vec<String>,

@@ -12,6 +12,7 @@ use sqlx::{AssertSqlSafe, Executor, SqlSafeStr};
 use crate::{Error, Result, SqlProjection};
 
 /// The event store and projection store of one database.
+#[derive(Clone)]
 pub(crate) enum Database {
     #[cfg(feature = "postgres")]
     Postgres(annal_eventstore::PgEventStore),
@@ -62,6 +63,17 @@ impl Database {
             Database::Postgres(_) => true,
             #[cfg(feature = "sqlite")]
             Database::Sqlite(_) => false,
+        }
+    }
+
+    /// How long the oldest transaction holding an id has been open (PostgreSQL; `None` elsewhere
+    /// or when there is none).
+    pub(crate) async fn oldest_transaction_age(&self) -> Result<Option<std::time::Duration>> {
+        match *self {
+            #[cfg(feature = "postgres")]
+            Database::Postgres(ref store) => Ok(store.oldest_open_transaction().await?.map(|t| t.age)),
+            #[cfg(feature = "sqlite")]
+            Database::Sqlite(_) => Ok(None),
         }
     }
 

@@ -35,13 +35,23 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
             projections.extend(sql.into_iter().map(|p| Arc::new(p) as Arc<dyn Projection>));
             projections.extend(extra);
             let mut runner = ProjectionRunner::new(database.events(), store.clone())
+                .owner(owner_name())
                 .lease(Duration::from_secs_f64(config.lease_seconds.max(0.1)));
             for projection in &projections {
                 runner = runner.with(projection.clone(), options_for(&config, projection.name()))?;
             }
             let running = Arc::new(runner.start());
-            let names: Vec<String> = projections.iter().map(|p| p.name().to_owned()).collect();
-            crate::serve::serve(&config.listen, running.clone(), names).await?;
+            let observed = crate::observe::Observed {
+                database: database.clone(),
+                store: store.clone(),
+                running: running.clone(),
+                projections: projections
+                    .iter()
+                    .map(|p| (p.name().to_owned(), p.filter(), p.partitions().max(1)))
+                    .collect(),
+                health: config.health.clone(),
+            };
+            crate::serve::serve(&config.listen, observed).await?;
             let running = Arc::try_unwrap(running).map_err(|_| Error::StillServing)?;
             running.shutdown().await?;
         }
@@ -71,11 +81,28 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
     Ok(())
 }
 
+/// This runner's name in leases: host name, pid and a random suffix (in containers every pid
+/// is 1, and a restarted process may get its predecessor's pid).
+pub(crate) fn owner_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".to_owned());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}:{}:{}", std::process::id(), &suffix[..8])
+}
+
 /// The worker options a configured projection asks for (defaults for Rust projections).
 pub(crate) fn options_for(config: &Config, name: &str) -> WorkerOptions {
     let Some(p) = config.projections.iter().find(|p| p.name == name) else { return WorkerOptions::default() };
     let retry = annal_projections::RetryPolicy::default()
         .attempts(p.retry_attempts)
         .initial(Duration::from_millis(p.retry_initial_ms));
-    WorkerOptions::default().retry(retry)
+    let on_failure = match p.on_failure {
+        crate::config::OnFailureConfig::Park => annal_projections::OnFailure::Park,
+        crate::config::OnFailureConfig::Stop => annal_projections::OnFailure::Stop,
+    };
+    WorkerOptions::default().retry(retry).on_failure(on_failure)
 }

@@ -80,6 +80,9 @@ pub enum Error {
     /// The HTTP server did not let go of the running projections at shutdown.
     #[error("the HTTP server still holds the runner")]
     StillServing,
+    /// The metrics recorder could not be installed.
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(String),
     /// Running the projections failed.
     #[error(transparent)]
     Projections(#[from] annal_projections::Error),

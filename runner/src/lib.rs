@@ -27,6 +27,7 @@ mod dispatch;
 mod error;
 mod lexer;
 mod metrics;
+mod observe;
 mod rebuild;
 mod serve;
 mod shadow;
@@ -43,7 +44,7 @@ pub use crate::args::{Cli, Command, DeadLetterAction, LogFormat};
 #[doc(inline)]
 pub use crate::compile::{PARAMETERS, Statement, compile};
 #[doc(inline)]
-pub use crate::config::{Config, SqlProjectionConfig};
+pub use crate::config::{Config, HealthConfig, OnFailureConfig, SqlProjectionConfig};
 pub(crate) use crate::dispatch::options_for;
 #[doc(inline)]
 pub use crate::error::{Error, Result};
