@@ -253,3 +253,59 @@ mod tests {
         }
     }
 }
+
+/// Replaces each `${NAME}` in the configuration's text with the environment variable `NAME`
+/// (`$${` stands for a literal `${`), so that secrets such as the database password stay out of
+/// the file.
+///
+/// # Errors
+/// [`Error::MissingEnv`] for a variable that is not set; [`Error::Config`] for a `${` that is
+/// not closed.
+pub fn substitute_env(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<String> {
+    let mut out = String::with_capacity(text.len());
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        while let Some(at) = rest.find('$') {
+            out.push_str(&rest[..at]);
+            let tail = &rest[at..];
+            if let Some(after) = tail.strip_prefix("$${") {
+                out.push_str("${");
+                rest = after;
+            } else if let Some(after) = tail.strip_prefix("${") {
+                let end = after
+                    .find('}')
+                    .ok_or_else(|| Error::Config(format!("line {}: `${{` without its `}}`", index + 1)))?;
+                let name = &after[..end];
+                let value = env(name).ok_or_else(|| Error::MissingEnv { name: name.to_owned(), line: index + 1 })?;
+                out.push_str(&value);
+                rest = &after[end + 1..];
+            } else {
+                out.push('$');
+                rest = &tail[1..];
+            }
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::substitute_env;
+    use crate::Error;
+
+    #[test]
+    fn substitutes_escapes_and_refuses_unset_variables() {
+        let env = |name: &str| (name == "PASSWORD").then(|| "s3cret".to_owned());
+        let text = "database = \"postgres://app:${PASSWORD}@db/app\"\nx = \"$${PASSWORD} $5\"\n";
+        assert_eq!(
+            substitute_env(text, env).unwrap(),
+            "database = \"postgres://app:s3cret@db/app\"\nx = \"${PASSWORD} $5\"\n"
+        );
+        match substitute_env("a = 1\nb = \"${NOPE}\"", env) {
+            Err(Error::MissingEnv { name, line }) => assert_eq!((name.as_str(), line), ("NOPE", 2)),
+            other => panic!("{other:?}"),
+        }
+        assert!(substitute_env("b = \"${NOPE\"", env).is_err());
+    }
+}

@@ -47,7 +47,7 @@ async fn ready(State(observed): State<Arc<Observed>>) -> Response {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     let terminate = async {
