@@ -22,6 +22,10 @@ pub struct Config {
     /// How long a partition lease lasts, in seconds (default 10).
     #[serde(default = "default_lease")]
     pub lease_seconds: f64,
+    /// The token the console's actions (retry, skip) require, as `Authorization: Bearer
+    /// TOKEN`; without one the console is read-only. Put it in the environment: `"${ANNAL_TOKEN}"`.
+    #[serde(default)]
+    pub console_token: Option<String>,
     /// When `/health/ready` fails, beyond a stopped partition or an unreadable log.
     #[serde(default)]
     pub health: HealthConfig,

@@ -58,6 +58,8 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
                     .map(|p| (p.name().to_owned(), p.filter(), p.partitions().max(1)))
                     .collect(),
                 health: config.health.clone(),
+                handlers: projections.clone(),
+                token: config.console_token.clone(),
             };
             crate::serve::serve(listen.as_deref().unwrap_or(&config.listen), observed).await?;
             let running = Arc::try_unwrap(running).map_err(|_| Error::StillServing)?;

@@ -31,6 +31,7 @@ mod args;
 mod browse;
 mod compile;
 mod config;
+mod console;
 mod database;
 mod dead_letters;
 mod dispatch;

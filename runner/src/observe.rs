@@ -20,6 +20,10 @@ pub(crate) struct Observed {
     /// Each projection run here: name, filter, partitions.
     pub(crate) projections: Vec<(String, Filter, u32)>,
     pub(crate) health: HealthConfig,
+    /// The projections themselves, for the console's retries.
+    pub(crate) handlers: Vec<Arc<dyn annal_projections::Projection>>,
+    /// The console's action token.
+    pub(crate) token: Option<String>,
 }
 
 /// The state of every projection run here, at one moment.

@@ -24,6 +24,7 @@ pub(crate) async fn serve(listen: &str, observed: Observed) -> Result<()> {
         .route("/health/ready", get(ready))
         .route("/health", get(ready))
         .route("/metrics", get(metrics))
+        .merge(crate::console::routes())
         .with_state(observed);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
