@@ -33,17 +33,13 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, Json(json!({ "error": message.to_string() }))).into_response()
 }
 
-/// Refuses an action without the configured token (or when none is configured).
-fn authorize(observed: &Observed, headers: &HeaderMap) -> Result<(), Response> {
+/// The refusal of an action without the configured token (or when none is configured).
+fn refused(observed: &Observed, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &observed.token else {
-        return Err(error(StatusCode::FORBIDDEN, "the console is read-only: no console_token is configured"));
+        return Some(error(StatusCode::FORBIDDEN, "the console is read-only: no console_token is configured"));
     };
     let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(token.as_str()) {
-        Ok(())
-    } else {
-        Err(error(StatusCode::UNAUTHORIZED, "this action needs the console token"))
-    }
+    (given != Some(token.as_str())).then(|| error(StatusCode::UNAUTHORIZED, "this action needs the console token"))
 }
 
 async fn page(State(observed): Shared) -> Html<String> {
@@ -84,8 +80,8 @@ async fn show(State(observed): Shared, Path((projection, id)): Path<(String, i64
 }
 
 async fn retry(State(observed): Shared, headers: HeaderMap, Path((projection, id)): Path<(String, i64)>) -> Response {
-    if let Err(refused) = authorize(&observed, &headers) {
-        return refused;
+    if let Some(refusal) = refused(&observed, &headers) {
+        return refusal;
     }
     let Some(handler) = observed.handlers.iter().find(|p| p.name() == projection) else {
         return error(StatusCode::NOT_FOUND, format!("no projection named {projection:?}"));
@@ -99,8 +95,8 @@ async fn retry(State(observed): Shared, headers: HeaderMap, Path((projection, id
 }
 
 async fn skip(State(observed): Shared, headers: HeaderMap, Path((projection, id)): Path<(String, i64)>) -> Response {
-    if let Err(refused) = authorize(&observed, &headers) {
-        return refused;
+    if let Some(refusal) = refused(&observed, &headers) {
+        return refusal;
     }
     match annal_projections::skip_dead_letter(&*observed.store, &projection, id).await {
         Ok(()) => Json(json!({ "skipped": id })).into_response(),
