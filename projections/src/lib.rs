@@ -21,6 +21,7 @@ mod dead_letters;
 mod dedup;
 mod error;
 mod memory;
+pub mod metrics;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod projection;

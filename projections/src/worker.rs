@@ -212,7 +212,10 @@ impl Worker<'_> {
                     to = %page.next,
                     events = page.events.len(),
                 );
-                self.process(checkpoint, page, cancel).instrument(span).await
+                let (started, len) = (std::time::Instant::now(), page.events.len());
+                let outcome = self.process(checkpoint, page, cancel).instrument(span).await;
+                crate::metrics::batch(self.name(), self.options.partition, self.phase(len), started.elapsed());
+                outcome
             };
             match outcome {
                 Ok(Outcome::At(position)) => {
@@ -237,6 +240,17 @@ impl Worker<'_> {
         Ok(())
     }
 
+    /// The metrics' phase of a batch of `events` (`crate::metrics::phase`).
+    fn phase(&self, events: usize) -> &'static str {
+        crate::metrics::phase(self.name(), events, self.projection.batch_size().max(1))
+    }
+
+    /// Records events applied: this process's latency, and the metrics.
+    fn applied(&self, page: &Page, events: &[RecordedEvent]) {
+        self.progress.applied(events);
+        crate::metrics::applied(self.name(), self.options.partition, self.phase(page.events.len()), events);
+    }
+
     async fn advance(&self, from: Position, to: Position) -> Result<Outcome> {
         let moved =
             self.store.advance(self.name(), self.options.partition, from, to, None, self.fence.as_ref()).await?;
@@ -257,7 +271,7 @@ impl Worker<'_> {
                     .await?
                 {
                     Applied::Committed => {
-                        self.progress.applied(&page.events);
+                        self.applied(&page, &page.events);
                         return Ok(Outcome::At(page.next));
                     }
                     Applied::Moved => return Ok(Outcome::Moved),
@@ -287,7 +301,7 @@ impl Worker<'_> {
                     return Ok(Outcome::Moved);
                 }
                 match crate::projection::run_handler(self.projection, &page.events, &mut Tx::none()).await {
-                    Ok(()) => self.progress.applied(&page.events),
+                    Ok(()) => self.applied(&page, &page.events),
                     Err(error) => tracing::error!(
                         projection = self.name(),
                         %error,
@@ -300,6 +314,7 @@ impl Worker<'_> {
             }
         };
         tracing::debug!(projection = self.name(), %error, "batch failed; retrying event by event");
+        crate::metrics::count(crate::metrics::FAILED, self.name(), partition, page.events.len());
         self.one_by_one(from, page, parked, cancel).await
     }
 
@@ -347,9 +362,12 @@ impl Worker<'_> {
                         Err(error) => Applied::Failed(error),
                     },
                 };
+                if matches!(result, Applied::Failed(_)) {
+                    crate::metrics::count(crate::metrics::FAILED, self.name(), partition, 1);
+                }
                 match result {
                     Applied::Committed => {
-                        self.progress.applied(std::slice::from_ref(event));
+                        self.applied(&page, std::slice::from_ref(event));
                         at = event.position;
                         self.progress.reached();
                         break;
@@ -387,13 +405,19 @@ impl Worker<'_> {
                     }
                     Applied::Failed(error) => {
                         let pause = policy.pause(attempt);
-                        tracing::debug!(projection = self.name(), event = %event.id, attempt, %error, ?pause, "retrying");
+                        if attempt == 1 {
+                            // The first failure of an event is news; the back-off that follows is not.
+                            tracing::warn!(projection = self.name(), event = %event.id, %error, ?pause, "event failed; retrying");
+                        } else {
+                            tracing::debug!(projection = self.name(), event = %event.id, attempt, %error, ?pause, "retrying");
+                        }
                         tokio::select! {
                             // Every attempt is atomic, so stopping between two leaves nothing half done.
                             () = cancel.cancelled() => return Ok(Outcome::At(at)),
                             () = tokio::time::sleep(pause) => {}
                         }
                         attempt += 1;
+                        crate::metrics::count(crate::metrics::RETRIED, self.name(), partition, 1);
                     }
                 }
             }
@@ -437,6 +461,7 @@ impl Worker<'_> {
 
     async fn park(&self, at: Position, event: &RecordedEvent, error: &str, attempts: u32) -> Result<bool> {
         let park = Park { event, error, attempts };
+        crate::metrics::count(crate::metrics::PARKED, self.name(), self.options.partition, 1);
         self.store.park(self.name(), self.options.partition, at, park, self.fence.as_ref()).await
     }
 }

@@ -9,10 +9,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "annal-runner", version, about)]
 pub struct Cli {
     /// The configuration file.
-    #[arg(long, short, env = "ANNAL_CONFIG", default_value = "annal.toml")]
+    #[arg(long, short, env = "ANNAL_CONFIG", default_value = "annal.toml", global = true)]
     pub config: PathBuf,
     /// Log format.
-    #[arg(long, value_enum, default_value = "human")]
+    #[arg(long, value_enum, default_value = "human", global = true)]
     pub log: LogFormat,
     /// What to do.
     #[command(subcommand)]
@@ -31,10 +31,52 @@ pub enum LogFormat {
 /// The runner's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the projections until SIGINT or SIGTERM, serving /health and /metrics.
-    Run,
+    /// Run the projections until SIGINT or SIGTERM, serving /health, /metrics and the console.
+    Run {
+        /// Run only these projections (repeat the option for several).
+        #[arg(long, value_name = "NAME")]
+        only: Vec<String>,
+        /// Serve HTTP here instead of the configuration's `listen`.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
     /// Print every projection partition's checkpoint, lag, dead letters and lease.
-    Status,
+    Status {
+        /// Only this projection (and its rebuild, if one is in progress).
+        projection: Option<String>,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Print again every SECONDS (default 2) until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
+    },
+    /// List the streams, by category, with their event counts.
+    Streams {
+        /// Only streams of this category.
+        #[arg(long)]
+        category: Option<String>,
+    },
+    /// Print a stream's events, one JSON object per line.
+    Read {
+        /// The stream, such as `account-42`.
+        stream: String,
+        /// The first version to print.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// At most this many events.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Follow the global log, one JSON object per line, until interrupted.
+    Tail {
+        /// Only events of streams of this category (repeat for several).
+        #[arg(long, value_name = "CATEGORY")]
+        filter: Vec<String>,
+        /// Start at the first event instead of the head.
+        #[arg(long)]
+        from_start: bool,
+    },
     /// Replay a projection from the first event, with progress. A SQL projection that lists
     /// its `tables` is rebuilt into shadow tables while the live read model keeps serving, then
     /// swapped in; others (or with `--in-place`) are emptied and replayed in place. An
@@ -66,14 +108,32 @@ pub enum DeadLetterAction {
         /// The projection.
         projection: String,
     },
-    /// Apply a dead letter's event again (exactly once) and remove it.
-    Retry {
+    /// Show one dead letter: its event (type, payload, metadata), error, attempts and when it
+    /// was parked.
+    Show {
         /// The projection.
         projection: String,
         /// The dead letter's id.
         id: i64,
     },
-    /// Remove a dead letter without applying it.
+    /// Apply dead letters' events again (exactly once) and remove them: one by id, `--all`,
+    /// or those of `--stream`, oldest first.
+    Retry {
+        /// The projection.
+        projection: String,
+        /// The dead letter's id.
+        #[arg(required_unless_present_any = ["all", "stream"], conflicts_with_all = ["all", "stream"])]
+        id: Option<i64>,
+        /// Every dead letter of the projection.
+        #[arg(long, conflicts_with = "stream")]
+        all: bool,
+        /// Every dead letter of this stream.
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// Remove a dead letter without applying it. Any dead letter can be skipped, in any order;
+    /// later events of its stream that were parked behind it stay parked, and can be retried
+    /// once no older dead letter of the stream is left (retry goes oldest first).
     Skip {
         /// The projection.
         projection: String,

@@ -22,9 +22,30 @@ pub struct Config {
     /// How long a partition lease lasts, in seconds (default 10).
     #[serde(default = "default_lease")]
     pub lease_seconds: f64,
+    /// The token the console's actions (retry, skip) require, as `Authorization: Bearer
+    /// TOKEN`; without one the console is read-only. Put it in the environment: `"${ANNAL_TOKEN}"`.
+    #[serde(default)]
+    pub console_token: Option<String>,
+    /// When `/health/ready` fails, beyond a stopped partition or an unreadable log.
+    #[serde(default)]
+    pub health: HealthConfig,
     /// The declarative SQL projections.
     #[serde(default, rename = "projection")]
     pub projections: Vec<SqlProjectionConfig>,
+}
+
+/// Readiness thresholds (`[health]`): `/health/ready` answers 503 when a projection partition
+/// passes one. Each is off when left out.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct HealthConfig {
+    /// The most events a partition may be behind the head.
+    pub max_events_behind: Option<u64>,
+    /// The most seconds a partition may be behind (the age of its oldest unapplied event).
+    pub max_seconds_behind: Option<f64>,
+    /// The most dead letters a projection may have.
+    pub max_dead_letters: Option<u64>,
 }
 
 /// `on_failure` in the configuration file.
@@ -34,7 +55,7 @@ pub enum OnFailureConfig {
     /// Park the event as a dead letter and go on.
     #[default]
     Park,
-    /// Stop the projection at the event.
+    /// Stop the projection at the event (`/health/ready` then fails with `stopped`).
     Stop,
 }
 
@@ -306,5 +327,61 @@ mod tests {
         let config = Config::parse(text).unwrap();
         assert_eq!(config.projections[0].on_failure, OnFailureConfig::Stop);
         assert_eq!(crate::dispatch::options_for(&config, "a").on_failure, annal_projections::OnFailure::Stop);
+    }
+}
+
+/// Replaces each `${NAME}` in the configuration's text with the environment variable `NAME`
+/// (`$${` stands for a literal `${`), so that secrets such as the database password stay out of
+/// the file.
+///
+/// # Errors
+/// [`Error::MissingEnv`] for a variable that is not set; [`Error::Config`] for a `${` that is
+/// not closed.
+pub fn substitute_env(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<String> {
+    let mut out = String::with_capacity(text.len());
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        while let Some(at) = rest.find('$') {
+            out.push_str(&rest[..at]);
+            let tail = &rest[at..];
+            if let Some(after) = tail.strip_prefix("$${") {
+                out.push_str("${");
+                rest = after;
+            } else if let Some(after) = tail.strip_prefix("${") {
+                let end = after
+                    .find('}')
+                    .ok_or_else(|| Error::Config(format!("line {}: `${{` without its `}}`", index + 1)))?;
+                let name = &after[..end];
+                let value = env(name).ok_or_else(|| Error::MissingEnv { name: name.to_owned(), line: index + 1 })?;
+                out.push_str(&value);
+                rest = &after[end + 1..];
+            } else {
+                out.push('$');
+                rest = &tail[1..];
+            }
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::substitute_env;
+    use crate::Error;
+
+    #[test]
+    fn substitutes_escapes_and_refuses_unset_variables() {
+        let env = |name: &str| (name == "PASSWORD").then(|| "s3cret".to_owned());
+        let text = "database = \"postgres://app:${PASSWORD}@db/app\"\nx = \"$${PASSWORD} $5\"\n";
+        assert_eq!(
+            substitute_env(text, env).unwrap(),
+            "database = \"postgres://app:s3cret@db/app\"\nx = \"${PASSWORD} $5\"\n"
+        );
+        match substitute_env("a = 1\nb = \"${NOPE}\"", env) {
+            Err(Error::MissingEnv { name, line }) => assert_eq!((name.as_str(), line), ("NOPE", 2)),
+            other => panic!("{other:?}"),
+        }
+        assert!(substitute_env("b = \"${NOPE\"", env).is_err());
     }
 }

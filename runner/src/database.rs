@@ -11,7 +11,12 @@ use sqlx::{AssertSqlSafe, Executor, SqlSafeStr};
 
 use crate::{Error, Result, SqlProjection};
 
+/// How long connecting to the database may take before the command gives up.
+#[cfg(feature = "postgres")]
+pub(crate) const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The event store and projection store of one database.
+#[derive(Clone)]
 pub(crate) enum Database {
     #[cfg(feature = "postgres")]
     Postgres(annal_eventstore::PgEventStore),
@@ -43,16 +48,56 @@ macro_rules! each_backend {
 }
 
 impl Database {
+    /// Connects, giving up after [`CONNECT_TIMEOUT`] with an error naming the host (or the file)
+    /// and the cause, such as "connection refused".
     pub(crate) async fn connect(url: &str) -> Result<Self> {
         #[cfg(feature = "postgres")]
         if url.starts_with("postgres") {
-            return Ok(Database::Postgres(annal_eventstore::PgEventStore::connect(url).await?));
+            use std::str::FromStr;
+            let options = sqlx::postgres::PgConnectOptions::from_str(url)
+                .map_err(|e| Error::Connect { target: "PostgreSQL (invalid URL)".into(), source: Box::new(e) })?;
+            let target = format!("PostgreSQL at {}:{}", options.get_host(), options.get_port());
+            let failed = |source: annal_eventstore::BoxError| Error::Connect { target: target.clone(), source };
+            // One connection first: its error says why (a pool's would only say it timed out).
+            let probe = tokio::time::timeout(CONNECT_TIMEOUT, sqlx::ConnectOptions::connect(&options))
+                .await
+                .map_err(|_| failed(format!("no answer within {CONNECT_TIMEOUT:?}").into()))?
+                .map_err(|e| failed(Box::new(e)))?;
+            drop(probe);
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(10)
+                .acquire_timeout(CONNECT_TIMEOUT)
+                .connect_with(options)
+                .await
+                .map_err(|e| failed(Box::new(e)))?;
+            let store = annal_eventstore::PgEventStore::from_pool(pool).await.map_err(|e| failed(Box::new(e)))?;
+            return Ok(Database::Postgres(store));
         }
         #[cfg(feature = "sqlite")]
         if url.starts_with("sqlite:") {
-            return Ok(Database::Sqlite(annal_eventstore::SqliteEventStore::connect(url).await?));
+            let file = url.trim_start_matches("sqlite:").trim_start_matches("//");
+            let target = format!("SQLite database {file}");
+            return annal_eventstore::SqliteEventStore::connect(url)
+                .await
+                .map(Database::Sqlite)
+                .map_err(|e| Error::Connect { target, source: Box::new(e) });
         }
         Err(Error::UnsupportedDatabase(url.to_owned()))
+    }
+
+    /// The streams of `category` (or all), with their event counts, by category and name.
+    pub(crate) async fn streams(&self, category: Option<&str>) -> Result<Vec<(String, String, i64)>> {
+        let rows = each_backend!(self, |store, pool, statements, begin| {
+            let sql = if self.is_postgres() {
+                "SELECT category, stream, count(*)::bigint FROM annal_events WHERE ($1::text IS NULL OR category = $1) \
+                 GROUP BY category, stream ORDER BY category, stream"
+            } else {
+                "SELECT category, stream, count(*) FROM annal_events WHERE (?1 IS NULL OR category = ?1) \
+                 GROUP BY category, stream ORDER BY category, stream"
+            };
+            sqlx::query_as::<_, (String, String, i64)>(sql).bind(category).fetch_all(pool).await?
+        });
+        Ok(rows)
     }
 
     /// Whether this is PostgreSQL (whose shadow-table swap locks the live tables first).
@@ -62,6 +107,17 @@ impl Database {
             Database::Postgres(_) => true,
             #[cfg(feature = "sqlite")]
             Database::Sqlite(_) => false,
+        }
+    }
+
+    /// How long the oldest transaction holding an id has been open (PostgreSQL; `None` elsewhere
+    /// or when there is none).
+    pub(crate) async fn oldest_transaction_age(&self) -> Result<Option<std::time::Duration>> {
+        match *self {
+            #[cfg(feature = "postgres")]
+            Database::Postgres(ref store) => Ok(store.oldest_open_transaction().await?.map(|t| t.age)),
+            #[cfg(feature = "sqlite")]
+            Database::Sqlite(_) => Ok(None),
         }
     }
 

@@ -1,4 +1,6 @@
 //! From a parsed command line to the command's work.
+// Built without a backend, the runner can only refuse every URL.
+#![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(unreachable_code, unused_variables))]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,8 @@ use crate::{Error, Result, SqlProjection};
 pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()> {
     let text = std::fs::read_to_string(&cli.config)
         .map_err(|source| Error::ReadConfig { path: cli.config.clone(), source })?;
+    let text = crate::config::substitute_env(&text, |name| std::env::var(name).ok())
+        .map_err(|source| Error::ConfigFile { path: cli.config.clone(), source: Box::new(source) })?;
     let config = Config::parse(&text)
         .map_err(|source| Error::ConfigFile { path: cli.config.clone(), source: Box::new(source) })?;
     let sql: Vec<SqlProjection> = config.projections.iter().map(SqlProjection::new).collect::<Result<_>>()?;
@@ -24,28 +28,52 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
     match cli.command {
         Command::Check => {
             database.check(&setup, &sql, false).await?;
-            println!("configuration and SQL are valid: {} projection(s)", config.projections.len());
+            out!("configuration and SQL are valid: {} projection(s)", config.projections.len());
         }
         Command::Migrate => {
             database.check(&setup, &sql, true).await?;
-            println!("tables are up to date");
+            out!("tables are up to date");
         }
-        Command::Run => {
+        Command::Run { only, listen } => {
             database.check(&setup, &sql, true).await?;
             projections.extend(sql.into_iter().map(|p| Arc::new(p) as Arc<dyn Projection>));
             projections.extend(extra);
+            if !only.is_empty() {
+                for name in &only {
+                    find(&projections, name)?;
+                }
+                projections.retain(|p| only.iter().any(|name| name == p.name()));
+            }
             let mut runner = ProjectionRunner::new(database.events(), store.clone())
+                .owner(owner_name())
                 .lease(Duration::from_secs_f64(config.lease_seconds));
             for projection in &projections {
                 runner = runner.with(projection.clone(), options_for(&config, projection.name()))?;
             }
             let running = Arc::new(runner.start());
-            let names: Vec<String> = projections.iter().map(|p| p.name().to_owned()).collect();
-            crate::serve::serve(&config.listen, running.clone(), names).await?;
+            let observed = crate::observe::Observed {
+                database: database.clone(),
+                store: store.clone(),
+                running: running.clone(),
+                projections: projections
+                    .iter()
+                    .map(|p| (p.name().to_owned(), p.filter(), p.partitions().max(1)))
+                    .collect(),
+                health: config.health.clone(),
+                handlers: projections.clone(),
+                token: config.console_token.clone(),
+            };
+            crate::serve::serve(listen.as_deref().unwrap_or(&config.listen), observed).await?;
             let running = Arc::try_unwrap(running).map_err(|_| Error::StillServing)?;
             running.shutdown().await?;
         }
-        Command::Status => crate::status::status(&database, &*store, &config, &extra).await?,
+        Command::Status { projection, json, watch } => {
+            let options = crate::status::StatusOptions { projection, json, watch };
+            crate::status::status(&database, &*store, &config, &extra, options).await?
+        }
+        Command::Streams { category } => crate::browse::streams(&database, category.as_deref()).await?,
+        Command::Read { stream, from, limit } => crate::browse::read(&database, &stream, from, limit).await?,
+        Command::Tail { filter, from_start } => crate::browse::tail(&database, &filter, from_start).await?,
         Command::Rebuild { name, in_place } => {
             let configured = config.projections.iter().find(|p| p.name == name);
             match configured.and_then(|p| Some((p, p.shadow()?))) {
@@ -69,6 +97,19 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// This runner's name in leases: host name, pid and a random suffix (in containers every pid
+/// is 1, and a restarted process may get its predecessor's pid).
+pub(crate) fn owner_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".to_owned());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}:{}:{}", std::process::id(), &suffix[..8])
 }
 
 /// The worker options a configured projection asks for (defaults for Rust projections).

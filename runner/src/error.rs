@@ -80,6 +80,29 @@ pub enum Error {
     /// The HTTP server did not let go of the running projections at shutdown.
     #[error("the HTTP server still holds the runner")]
     StillServing,
+    /// Standard output could not be written (a closed pipe ends the command quietly).
+    #[error("cannot write to standard output")]
+    Output(#[source] std::io::Error),
+    /// The database could not be reached or opened; `target` names the host or file.
+    #[error("cannot connect to {target}")]
+    Connect {
+        /// The host and port, or the file.
+        target: String,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+    /// The configuration names an environment variable that is not set.
+    #[error("line {line}: environment variable {name} is not set")]
+    MissingEnv {
+        /// The variable.
+        name: String,
+        /// The line of the configuration naming it.
+        line: usize,
+    },
+    /// The metrics recorder could not be installed.
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(String),
     /// Running the projections failed.
     #[error(transparent)]
     Projections(#[from] annal_projections::Error),

@@ -18,15 +18,27 @@
 //! Running it in production: `docs/runner.md`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+/// `println!` that returns [`Error::Output`] instead of panicking when standard output is gone
+/// (`annal-runner dead-letters list x | head`): the command then ends quietly.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*).map_err($crate::Error::Output)?
+    }};
+}
+
 mod args;
+mod browse;
 mod compile;
 mod config;
+mod console;
 mod database;
 mod dead_letters;
 mod dispatch;
 mod error;
 mod lexer;
 mod metrics;
+mod observe;
 mod rebuild;
 mod serve;
 mod shadow;
@@ -43,7 +55,7 @@ pub use crate::args::{Cli, Command, DeadLetterAction, LogFormat};
 #[doc(inline)]
 pub use crate::compile::{PARAMETERS, Statement, compile};
 #[doc(inline)]
-pub use crate::config::{Config, SqlProjectionConfig};
+pub use crate::config::{Config, HealthConfig, OnFailureConfig, SqlProjectionConfig, substitute_env};
 pub(crate) use crate::dispatch::options_for;
 #[doc(inline)]
 pub use crate::error::{Error, Result};
@@ -59,6 +71,8 @@ pub async fn main_with(extra: Vec<Arc<dyn Projection>>) -> i32 {
     init_logs(cli.log);
     match dispatch::run(cli, extra).await {
         Ok(()) => 0,
+        // A reader that went away (`| head`) is no failure.
+        Err(Error::Output(error)) if error.kind() == std::io::ErrorKind::BrokenPipe => 0,
         Err(error) => {
             eprintln!("annal-runner: {}", error.report());
             1
@@ -66,10 +80,16 @@ pub async fn main_with(extra: Vec<Arc<dyn Projection>>) -> i32 {
     }
 }
 
+/// Logs to standard error: `RUST_LOG`, or `info` without PostgreSQL's notices (every
+/// `CREATE TABLE IF NOT EXISTS` of a migration sends one); colours only on a terminal.
 fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -1,45 +1,78 @@
-//! The Prometheus text exposition of the projections' lag.
+//! `/metrics`: Prometheus text from the `metrics` crate's recorder. Workers count and time what
+//! they do as they do it (`annal_projections::metrics`); the gauges here (lag, positions, dead
+//! letters, the oldest transaction) are read from the database at each scrape, so that they
+//! cover partitions run by other runners too.
 
-use annal_projections::RunningProjections;
+use std::sync::OnceLock;
 
-/// The Prometheus text exposition of every projection's lag.
-pub(crate) async fn text(running: &RunningProjections, names: &[String]) -> String {
-    use std::fmt::Write;
-    let mut lags = Vec::new();
-    for name in names {
-        lags.push((name, running.is_running(name).unwrap_or(false), running.lag(name).await.ok()));
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::observe::Snapshot;
+use crate::{Error, Result};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process's Prometheus recorder (once) and returns its handle.
+pub(crate) fn install() -> Result<&'static PrometheusHandle> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle);
     }
-    let mut out = String::new();
-    let gauges = [
-        ("annal_projection_running", "1 while the projection runs"),
-        ("annal_projection_events_behind", "events selected but not yet applied"),
-        ("annal_projection_seconds_behind", "age of the oldest event not yet applied"),
-        ("annal_projection_latency_seconds", "commit-to-applied latency quantiles"),
-    ];
-    for (metric, help) in gauges {
-        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
-        for (name, up, lag) in &lags {
-            let label = format!("projection=\"{name}\"");
-            match (metric, lag) {
-                ("annal_projection_running", _) => {
-                    let _ = writeln!(out, "{metric}{{{label}}} {}", u8::from(*up));
-                }
-                ("annal_projection_events_behind", Some(lag)) => {
-                    let _ = writeln!(out, "{metric}{{{label}}} {}", lag.events_behind);
-                }
-                ("annal_projection_seconds_behind", Some(lag)) => {
-                    let _ = writeln!(out, "{metric}{{{label}}} {}", lag.time_behind.as_secs_f64());
-                }
-                (_, Some(lag)) => {
-                    for (quantile, value) in
-                        [("0.5", lag.latency.p50), ("0.99", lag.latency.p99), ("0.999", lag.latency.p999)]
-                    {
-                        let _ = writeln!(out, "{metric}{{{label},quantile=\"{quantile}\"}} {}", value.as_secs_f64());
-                    }
-                }
-                (_, None) => {}
+    use annal_projections::metrics::{BATCH, BUCKETS, LATENCY};
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(LATENCY.into()), BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH.into()), BUCKETS))
+        .map_err(|e| Error::Metrics(e.to_string()))?;
+    let handle = builder.install_recorder().map_err(|e| Error::Metrics(e.to_string()))?;
+    describe();
+    Ok(HANDLE.get_or_init(|| handle))
+}
+
+fn describe() {
+    use annal_projections::metrics as m;
+    metrics::describe_counter!(m::APPLIED, "events applied");
+    metrics::describe_counter!(m::FAILED, "failed attempts to apply an event");
+    metrics::describe_counter!(m::RETRIED, "events tried again after a failure");
+    metrics::describe_counter!(m::PARKED, "events parked as dead letters");
+    metrics::describe_histogram!(m::LATENCY, metrics::Unit::Seconds, "commit-to-applied latency");
+    metrics::describe_histogram!(m::BATCH, metrics::Unit::Seconds, "time to apply a batch");
+    metrics::describe_gauge!("annal_projection_running", "1 while the projection runs in this process");
+    metrics::describe_gauge!("annal_projection_events_behind", "events selected but not yet applied");
+    metrics::describe_gauge!("annal_projection_seconds_behind", "age of the oldest event not yet applied");
+    metrics::describe_gauge!("annal_projection_dead_letters", "parked events");
+    metrics::describe_gauge!("annal_projection_checkpoint_position", "sequence part of the checkpoint");
+    metrics::describe_gauge!("annal_projection_lease_held", "1 while some runner holds the partition's lease");
+    metrics::describe_gauge!("annal_log_head_position", "sequence part of the head of the log");
+    metrics::describe_gauge!("annal_log_readable", "1 while the runner can read the log");
+    metrics::describe_gauge!(
+        "annal_store_oldest_transaction_seconds",
+        "age of the oldest open transaction holding an id (PostgreSQL)"
+    );
+}
+
+/// Sets the gauges from `snapshot` and renders everything.
+pub(crate) fn render(handle: &PrometheusHandle, snapshot: &Snapshot) -> String {
+    metrics::gauge!("annal_log_readable").set(if snapshot.log_error.is_none() { 1.0 } else { 0.0 });
+    if snapshot.head.is_some() {
+        metrics::gauge!("annal_log_head_position").set(snapshot.head_sequence as f64);
+    }
+    if let Some(age) = snapshot.oldest_transaction_seconds {
+        metrics::gauge!("annal_store_oldest_transaction_seconds").set(age);
+    } else {
+        metrics::gauge!("annal_store_oldest_transaction_seconds").set(0.0);
+    }
+    for p in &snapshot.projections {
+        let name = [("projection", p.name.clone())];
+        metrics::gauge!("annal_projection_running", &name).set(if p.running { 1.0 } else { 0.0 });
+        for part in &p.partitions {
+            let labels = [("projection", p.name.clone()), ("partition", part.partition.to_string())];
+            metrics::gauge!("annal_projection_dead_letters", &labels).set(part.dead_letters as f64);
+            metrics::gauge!("annal_projection_checkpoint_position", &labels).set(part.checkpoint_sequence as f64);
+            metrics::gauge!("annal_projection_lease_held", &labels).set(if part.owner.is_some() { 1.0 } else { 0.0 });
+            if let (Some(events), Some(seconds)) = (part.events_behind, part.seconds_behind) {
+                metrics::gauge!("annal_projection_events_behind", &labels).set(events as f64);
+                metrics::gauge!("annal_projection_seconds_behind", &labels).set(seconds);
             }
         }
     }
-    out
+    handle.render()
 }

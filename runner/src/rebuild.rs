@@ -10,6 +10,9 @@ use crate::config::{Config, SqlProjectionConfig};
 use crate::database::Database;
 use crate::{Result, SqlProjection, options_for};
 
+/// How often a rebuild logs its progress when standard error is not a terminal.
+const PROGRESS_EVERY: Duration = Duration::from_secs(3);
+
 /// Empties the read model (the `reset` statements) and the checkpoints, then replays.
 pub(crate) async fn rebuild_in_place(
     database: &Database,
@@ -22,7 +25,7 @@ pub(crate) async fn rebuild_in_place(
     database.execute(&reset, true).await?;
     store.reset(&name).await?;
     let total = replay(database, store, config, projection, &name).await?;
-    println!("rebuilt {name} in place: {total} events replayed");
+    out!("rebuilt {name} in place: {total} events replayed");
     Ok(())
 }
 
@@ -38,7 +41,7 @@ pub(crate) async fn rebuild_in_shadow(
     shadow: &SqlProjectionConfig,
 ) -> Result<()> {
     if has_checkpoints(&*store, &shadow.name, shadow.partitions).await? {
-        println!("resuming the rebuild of {} in its shadow tables", live.name);
+        out!("resuming the rebuild of {} in its shadow tables", live.name);
     } else {
         database.execute(&live.drop_shadow(), true).await?;
         store.reset(&shadow.name).await?;
@@ -47,7 +50,7 @@ pub(crate) async fn rebuild_in_shadow(
     database.check(&shadow.setup, std::slice::from_ref(&projection), true).await?;
     let total = replay(database, store.clone(), config, Arc::new(projection), &live.name).await?;
     store.promote(&shadow.name, &live.name, &live.promotion(database.is_postgres())).await?;
-    println!("rebuilt {} in shadow tables and swapped them in: {total} events replayed", live.name);
+    out!("rebuilt {} in shadow tables and swapped them in: {total} events replayed", live.name);
     Ok(())
 }
 
@@ -80,6 +83,9 @@ async fn replay(
         .lease(Duration::from_secs_f64(config.lease_seconds))
         .with(projection, options_for(config, options_of))?
         .start();
+    // Without a terminal (a Kubernetes job, a log file) the bar draws nothing: log instead.
+    let logged = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_log = None::<std::time::Instant>;
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events {per_sec} eta {eta}")
@@ -87,13 +93,21 @@ async fn replay(
     );
     loop {
         let checkpoint = running.checkpoint(&name).await?;
-        bar.set_position(total - events.count(checkpoint, head, &filter).await?.min(total));
+        let done = total - events.count(checkpoint, head, &filter).await?.min(total);
+        bar.set_position(done);
+        if logged && last_log.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+            last_log = Some(std::time::Instant::now());
+            tracing::info!(projection = %name, done, total, "rebuild progress");
+        }
         if checkpoint >= head || !running.is_running(&name)? {
             break;
         }
         let _ = running.wait_for(&name, head, Duration::from_millis(250)).await;
     }
     bar.finish();
+    if logged {
+        tracing::info!(projection = %name, total, "rebuild replayed every event");
+    }
     running.shutdown().await?;
     Ok(total)
 }

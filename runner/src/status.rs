@@ -1,21 +1,132 @@
-//! `status`: a table of every projection partition, wherever it runs.
+//! `status`: every projection partition, wherever it runs, as a table or as JSON, once or
+//! every few seconds.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use annal_projections::{Projection, ProjectionStore};
+use serde::Serialize;
 
 use crate::config::{Config, SqlProjectionConfig};
 use crate::database::Database;
 use crate::rebuild::has_checkpoints;
-use crate::{Result, SqlProjection};
+use crate::{Error, Result, SqlProjection};
 
-/// Prints every projection partition's checkpoint, lag, dead letters and lease.
+/// One projection partition, as `status` reports it.
+#[derive(Debug, Serialize)]
+pub(crate) struct Row {
+    projection: String,
+    partition: u32,
+    /// `running` while some runner holds its lease, else `stopped`.
+    state: &'static str,
+    checkpoint: String,
+    head: String,
+    events_behind: u64,
+    seconds_behind: f64,
+    /// The commit-to-applied p99 its runner last reported, in milliseconds.
+    p99_ms: Option<f64>,
+    dead_letters: usize,
+    lease: Option<LeaseRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct LeaseRow {
+    /// `host:pid:suffix` of the runner.
+    owner: String,
+    held: bool,
+    token: u64,
+}
+
+/// What `status` was asked for.
+#[derive(Debug)]
+pub(crate) struct StatusOptions {
+    pub(crate) projection: Option<String>,
+    pub(crate) json: bool,
+    pub(crate) watch: Option<f64>,
+}
+
+/// Prints the status once, or every `watch` seconds until SIGINT or SIGTERM.
 pub(crate) async fn status(
     database: &Database,
     store: &dyn ProjectionStore,
     config: &Config,
     extra: &[Arc<dyn Projection>],
+    options: StatusOptions,
 ) -> Result<()> {
+    let Some(every) = options.watch else {
+        return print(&rows(database, store, config, extra, options.projection.as_deref()).await?, options.json);
+    };
+    if !every.is_finite() || every <= 0.0 {
+        return Err(Error::Config(format!("--watch {every}: give a positive number of seconds")));
+    }
+    let stop = crate::serve::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let rows = rows(database, store, config, extra, options.projection.as_deref()).await?;
+        if !options.json {
+            use std::io::IsTerminal;
+            if std::io::stdout().is_terminal() {
+                // Clear the screen and go home, as `watch` does.
+                out!("\x1b[2J\x1b[H{}", chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC"));
+            } else {
+                out!("{}", chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC"));
+            }
+        }
+        print(&rows, options.json)?;
+        tokio::select! {
+            () = &mut stop => return Ok(()),
+            () = tokio::time::sleep(Duration::from_secs_f64(every)) => {}
+        }
+    }
+}
+
+fn print(rows: &[Row], json: bool) -> Result<()> {
+    if json {
+        out!("{}", serde_json::json!({ "partitions": rows }));
+        return Ok(());
+    }
+    out!(
+        "{:<24} {:>4} {:<8} {:<16} {:<16} {:>8} {:>8} {:>8} {:>5}  lease",
+        "projection",
+        "part",
+        "state",
+        "checkpoint",
+        "head",
+        "behind",
+        "seconds",
+        "p99 ms",
+        "dead"
+    );
+    for r in rows {
+        let p99 = r.p99_ms.map_or("-".to_owned(), |ms| format!("{ms:.1}"));
+        let lease = r.lease.as_ref().map_or("-".to_owned(), |l| {
+            format!("{} ({}, token {})", l.owner, if l.held { "held" } else { "expired" }, l.token)
+        });
+        out!(
+            "{:<24} {:>4} {:<8} {:<16} {:<16} {:>8} {:>8.1} {:>8} {:>5}  {lease}",
+            r.projection,
+            r.partition,
+            r.state,
+            r.checkpoint,
+            r.head,
+            r.events_behind,
+            r.seconds_behind,
+            p99,
+            r.dead_letters
+        );
+    }
+    Ok(())
+}
+
+/// Every projection partition's checkpoint, lag, dead letters and lease; only `only`'s (and its
+/// rebuild's) if given, which must name a projection.
+pub(crate) async fn rows(
+    database: &Database,
+    store: &dyn ProjectionStore,
+    config: &Config,
+    extra: &[Arc<dyn Projection>],
+    only: Option<&str>,
+) -> Result<Vec<Row>> {
     let events = database.events();
     let head = events.head().await?;
     let mut targets: Vec<(String, annal_eventstore::Filter, u32)> = config
@@ -24,6 +135,11 @@ pub(crate) async fn status(
         .map(|p| SqlProjection::new(p).map(|s| (p.name.clone(), s.filter(), p.partitions.max(1))))
         .collect::<Result<_, _>>()?;
     targets.extend(extra.iter().map(|p| (p.name().to_owned(), p.filter(), p.partitions().max(1))));
+    if let Some(only) = only
+        && !targets.iter().any(|(name, _, _)| name == only)
+    {
+        return Err(Error::UnknownProjection(only.to_owned()));
+    }
     // A rebuild in progress (or interrupted) shows as its shadow projection.
     for shadow in config.projections.iter().filter_map(SqlProjectionConfig::shadow) {
         if has_checkpoints(store, &shadow.name, shadow.partitions).await? {
@@ -31,10 +147,11 @@ pub(crate) async fn status(
             targets.push((shadow.name, filter, shadow.partitions.max(1)));
         }
     }
-    println!(
-        "{:<24} {:>4} {:<8} {:<22} {:<22} {:>10} {:>10} {:>10} {:>6}  lease",
-        "projection", "part", "state", "checkpoint", "head", "behind", "seconds", "p99 ms", "dead"
-    );
+    if let Some(only) = only {
+        let shadow = format!("{only}{}", crate::SHADOW_SUFFIX);
+        targets.retain(|(name, _, _)| name == only || *name == shadow);
+    }
+    let mut rows = Vec::new();
     for (name, filter, partitions) in targets {
         let dead = store.dead_letters(&name).await?;
         let leases = store.leases(&name).await?;
@@ -43,24 +160,24 @@ pub(crate) async fn status(
             let position = checkpoint.as_ref().map_or(annal_eventstore::Position::START, |c| c.position);
             let lag =
                 annal_projections::partition_lag(&*events, &filter, (partition, partitions), position, head).await?;
-            let (behind, seconds) = (lag.events_behind, lag.time_behind.as_secs_f64());
-            let lease = leases.iter().find(|l| l.partition == partition);
-            let held = lease.is_some_and(|l| l.expires_at > chrono::Utc::now());
-            let lease = lease.map_or("-".to_owned(), |l| {
-                format!("{} ({}, token {})", l.owner, if held { "held" } else { "expired" }, l.token)
+            let lease = leases.iter().find(|l| l.partition == partition).map(|l| LeaseRow {
+                owner: l.owner.clone(),
+                held: l.expires_at > chrono::Utc::now(),
+                token: l.token,
             });
-            let state = if held { "running" } else { "stopped" };
-            let p99 = checkpoint
-                .as_ref()
-                .and_then(|c| c.latency_p99)
-                .map_or("-".to_owned(), |d| format!("{:.1}", d.as_secs_f64() * 1e3));
-            let dead = dead.iter().filter(|d| d.partition == partition).count();
-            println!(
-                "{name:<24} {partition:>4} {state:<8} {:<22} {:<22} {behind:>10} {seconds:>10.1} {p99:>10} {dead:>6}  {lease}",
-                position.to_string(),
-                head.to_string()
-            );
+            rows.push(Row {
+                state: if lease.as_ref().is_some_and(|l| l.held) { "running" } else { "stopped" },
+                projection: name.clone(),
+                partition,
+                checkpoint: position.to_string(),
+                head: head.to_string(),
+                events_behind: lag.events_behind,
+                seconds_behind: lag.time_behind.as_secs_f64(),
+                p99_ms: checkpoint.as_ref().and_then(|c| c.latency_p99).map(|d| d.as_secs_f64() * 1e3),
+                dead_letters: dead.iter().filter(|d| d.partition == partition).count(),
+                lease,
+            });
         }
     }
-    Ok(())
+    Ok(rows)
 }

@@ -1,0 +1,81 @@
+//! `streams`, `read` and `tail`: the event store as an operator browses it.
+
+use annal_eventstore::{Filter, Position, ReadStream, RecordedEvent, StreamName};
+use futures::StreamExt;
+
+use crate::database::Database;
+use crate::{Error, Result};
+
+/// One event as a JSON object (the form `read`, `tail` and the console's stream browser use).
+pub(crate) fn event_json(event: &RecordedEvent) -> serde_json::Value {
+    serde_json::json!({
+        "position": event.position.to_string(),
+        "stream": event.stream.as_str(),
+        "version": event.version,
+        "id": event.id,
+        "type": event.event_type,
+        "schema_version": event.schema_version,
+        "recorded_at": event.recorded_at.to_rfc3339(),
+        "data": event.data,
+        "metadata": event.metadata,
+    })
+}
+
+/// Prints the streams by category with their event counts.
+pub(crate) async fn streams(database: &Database, category: Option<&str>) -> Result<()> {
+    out!("{:<20} {:<40} {:>10}", "category", "stream", "events");
+    for (category, stream, count) in database.streams(category).await? {
+        out!("{category:<20} {stream:<40} {count:>10}");
+    }
+    Ok(())
+}
+
+/// Reads up to `limit` events of `stream` from version `from`.
+pub(crate) async fn read_stream(
+    database: &Database,
+    stream: &str,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>> {
+    let stream = StreamName::new(stream).map_err(|e| Error::Config(format!("invalid stream name: {e}")))?;
+    let events = database.events();
+    let read = ReadStream::forwards().from_version(from).limit(limit.max(1));
+    let mut out = Vec::new();
+    let mut reader = events.read_stream(&stream, read);
+    while let Some(event) = reader.next().await {
+        out.push(event?);
+    }
+    Ok(out)
+}
+
+/// Prints a stream's events, one JSON object per line.
+pub(crate) async fn read(database: &Database, stream: &str, from: u64, limit: usize) -> Result<()> {
+    let events = read_stream(database, stream, from, limit).await?;
+    if events.is_empty() && database.events().stream_version(&StreamName::new(stream)?).await?.is_none() {
+        return Err(Error::Config(format!("no stream named {stream:?}")));
+    }
+    for event in &events {
+        out!("{}", event_json(event));
+    }
+    Ok(())
+}
+
+/// Follows the log, one JSON object per line, until SIGINT or SIGTERM.
+pub(crate) async fn tail(database: &Database, categories: &[String], from_start: bool) -> Result<()> {
+    let events = database.events();
+    let filter = if categories.is_empty() { Filter::all() } else { Filter::categories(categories) };
+    let from = if from_start { Position::START } else { events.head().await? };
+    tracing::info!(%from, ?categories, "following the log");
+    let mut subscription = events.subscribe(from, filter);
+    let stop = crate::serve::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return Ok(()),
+            event = subscription.next() => match event {
+                Some(event) => out!("{}", event_json(&event?)),
+                None => return Ok(()),
+            },
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The console end to end in headless Chromium, driven over chromedriver's WebDriver protocol
+//! (a few JSON requests, so no driver crate): the page loads, the lag chart follows appends, a
+//! retry without the token is refused, and a retry with it reaches the read model.
+//! `scripts/test` and `.ci/run` install Debian's `chromium` and `chromium-driver` when missing.
+#![cfg(feature = "sqlite")]
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use annal_eventstore::{EventStore, ExpectedVersion, NewEvent, SqliteEventStore, StreamName};
+use serde_json::{Value, json};
+
+const CONFIG: &str = r#"
+console_token = "letmein"
+
+[[projection]]
+name = "ledger"
+retry_attempts = 1
+setup = ["CREATE TABLE IF NOT EXISTS ledger (event_id BLOB PRIMARY KEY, amount INTEGER NOT NULL CHECK (amount > 0))"]
+
+[projection.handlers]
+Deposited = "INSERT INTO ledger (event_id, amount) VALUES (:event_id, :data ->> 'amount')"
+
+# Held at its first event (a ten-minute back-off), so the events behind it grow with appends.
+[[projection]]
+name = "stuck"
+categories = ["stuck"]
+retry_attempts = 2
+retry_initial_ms = 600000
+setup = ["CREATE TABLE IF NOT EXISTS stuck (n INTEGER NOT NULL CHECK (n > 0))"]
+
+[projection.handlers]
+Deposited = "INSERT INTO stuck (n) VALUES (:data ->> 'amount')"
+"#;
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP/1.1 request with an optional JSON body; the status and the JSON answer, read by its
+/// Content-Length (chromedriver keeps the connection open).
+fn http(address: &str, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, Value)> {
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    let body = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let length =
+        head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|n| n.trim().parse::<usize>().ok());
+    let mut body = Vec::new();
+    match length {
+        Some(length) => {
+            body.resize(length, 0);
+            stream.read_exact(&mut body).ok()?;
+        }
+        None => {
+            stream.read_to_end(&mut body).ok()?;
+        }
+    }
+    Some((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+}
+
+struct Browser {
+    driver: String,
+    session: String,
+}
+
+impl Browser {
+    fn run(&self, script: &str) -> Value {
+        let path = format!("/session/{}/execute/sync", self.session);
+        let (status, answer) = http(&self.driver, "POST", &path, Some(&json!({ "script": script, "args": [] })))
+            .expect("chromedriver answers");
+        assert_eq!(status, 200, "{script}: {answer}");
+        answer["value"].clone()
+    }
+
+    /// Runs `script` until it returns something truthy.
+    async fn until(&self, what: &str, script: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let value = self.run(script);
+            if !(value.is_null() || value == false || value == "") {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "the page never showed {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn deposit(store: &SqliteEventStore, stream: &str, amounts: &[i64]) {
+    let stream = StreamName::new(stream).unwrap();
+    let events = amounts.iter().map(|a| NewEvent::new("Deposited", json!({ "amount": a }))).collect();
+    store.append(&stream, ExpectedVersion::Any, events).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_chromium() {
+    for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: scripts/test installs chromium and chromium-driver"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("events.db");
+    let config = dir.path().join("annal.toml");
+    let address = format!("127.0.0.1:{}", free_port());
+    std::fs::write(&config, format!("database = \"sqlite://{}\"\nlisten = \"{address}\"\n{CONFIG}", db.display()))
+        .unwrap();
+    let store = SqliteEventStore::open(&db).await.unwrap();
+    deposit(&store, "account-1", &[-4]).await;
+    deposit(&store, "stuck-1", &[-1]).await;
+    let _runner = Killed(
+        Command::new(env!("CARGO_BIN_EXE_annal-runner"))
+            .args(["run", "-c"])
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let driver = format!("127.0.0.1:{}", free_port());
+    let _chromedriver = Killed(
+        Command::new("/usr/bin/chromedriver")
+            .arg(format!("--port={}", driver.rsplit(':').next().unwrap()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http(&driver, "GET", "/status", None).is_none_or(|(_, s)| s["value"]["ready"] != true)
+        || http(&address, "GET", "/health/live", None).is_none()
+    {
+        assert!(Instant::now() < deadline, "chromedriver or the runner never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let profile = dir.path().join("chromium-profile");
+    let args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        &format!("--user-data-dir={}", profile.display()),
+    ];
+    let capabilities = json!({ "capabilities": { "alwaysMatch": {
+        "goog:chromeOptions": { "binary": "/usr/bin/chromium", "args": args } } } });
+    let (status, session) = http(&driver, "POST", "/session", Some(&capabilities)).unwrap();
+    assert_eq!(status, 200, "{session}");
+    let browser = Browser { driver, session: session["value"]["sessionId"].as_str().unwrap().to_owned() };
+    let url = json!({ "url": format!("http://{address}/") });
+    assert_eq!(http(&browser.driver, "POST", &format!("/session/{}/url", browser.session), Some(&url)).unwrap().0, 200);
+
+    // The lag chart: one event behind on the held projection, then four after three appends.
+    browser.until("one event behind", "return document.getElementById('lagnow').dataset.behind === '1'").await;
+    deposit(&store, "stuck-2", &[1, 2, 3]).await;
+    browser.until("four events behind", "return document.getElementById('lagnow').dataset.behind === '4'").await;
+    let drawn = browser.run("return history.some(p => p.behind === 1) && history.some(p => p.behind === 4)");
+    assert_eq!(drawn, true, "the chart's history holds both");
+
+    // A retry without the token is refused.
+    browser.until("the dead letter", "return document.querySelector('.dead-letter .retry') !== null").await;
+    browser.run("document.querySelector('.dead-letter .retry').click()");
+    let refused = browser.until("a refusal", "return document.getElementById('result').textContent").await;
+    assert!(refused.as_str().unwrap().contains("refused (401)"), "{refused}");
+
+    // Fixed, then retried through the page with the token: the read model has the event.
+    sqlx::query("DROP TABLE ledger").execute(store.writer()).await.unwrap();
+    sqlx::query("CREATE TABLE ledger (event_id BLOB PRIMARY KEY, amount INTEGER NOT NULL)")
+        .execute(store.writer())
+        .await
+        .unwrap();
+    browser.run(
+        "document.getElementById('token').value = 'letmein'; document.querySelector('.dead-letter .retry').click()",
+    );
+    let done = browser.until("the retry", "return document.getElementById('result').className === 'ok'").await;
+    assert_eq!(done, true);
+    let sum: i64 = sqlx::query_scalar("SELECT sum(amount) FROM ledger").fetch_one(store.writer()).await.unwrap();
+    assert_eq!(sum, -4);
+    let _ = http(&browser.driver, "DELETE", &format!("/session/{}", browser.session), None);
+}
