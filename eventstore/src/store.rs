@@ -106,11 +106,18 @@ impl Page {
     /// The page a backend read after `from` with `limit`, where `head_before` is a head read
     /// before the page's query (or `from` when the read was not filtered). A full page
     /// continues after its last event; a short one has seen every selected event up to
-    /// `head_before` too, so the reader may move past events the filter skipped.
+    /// `head_before` too, so the reader may move past events the filter skipped, unless it was
+    /// `stopped` before an unreadable event (then the next page starts at that event).
     #[cfg(any(feature = "postgres", feature = "sqlite"))]
-    pub(crate) fn after(from: Position, events: Vec<RecordedEvent>, limit: usize, head_before: Position) -> Self {
+    pub(crate) fn after(
+        from: Position,
+        events: Vec<RecordedEvent>,
+        limit: usize,
+        head_before: Position,
+        stopped: bool,
+    ) -> Self {
         let last = events.last().map_or(from, |e| e.position);
-        let next = if events.len() < limit { last.max(head_before) } else { last };
+        let next = if events.len() < limit && !stopped { last.max(head_before) } else { last };
         Page { events, next }
     }
 }

@@ -518,13 +518,8 @@ impl EventStore for PgEventStore {
             query = query.bind(i64::from(count)).bind(i64::from(index));
         }
         let rows = query.fetch_all(&self.pool).await?;
-        match decode_rows(&rows, decode)? {
-            (events, false) => Ok(Page::after(from, events, limit, head_before)),
-            (events, true) => {
-                let next = events.last().map_or(from, |e| e.position);
-                Ok(Page::new(events, next))
-            }
-        }
+        let (events, stopped) = decode_rows(&rows, decode)?;
+        Ok(Page::after(from, events, limit, head_before, stopped))
     }
 
     async fn read_event(&self, id: Uuid) -> Result<Option<RecordedEvent>> {

@@ -354,13 +354,8 @@ impl EventStore for SqliteEventStore {
         push_partition(&mut q, filter);
         q.push(" ORDER BY position LIMIT ").push_bind(to_i64(limit as u64));
         let rows = q.build().fetch_all(&self.readers).await?;
-        match decode_rows(&rows, decode)? {
-            (events, false) => Ok(Page::after(from, events, limit, head_before)),
-            (events, true) => {
-                let next = events.last().map_or(from, |e| e.position);
-                Ok(Page::new(events, next))
-            }
-        }
+        let (events, stopped) = decode_rows(&rows, decode)?;
+        Ok(Page::after(from, events, limit, head_before, stopped))
     }
 
     async fn read_event(&self, id: Uuid) -> Result<Option<RecordedEvent>> {
