@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use annal_eventstore::{EventStore, ExpectedVersion, NewEvent, SqliteEventStore, StreamName};
 use serde_json::{Value, json};
 
+#[path = "support/local.rs"]
+mod local;
+
 const LEDGER: &str = r#"
 [[projection]]
 name = "ledger"
@@ -40,9 +43,7 @@ struct Setup {
     store: SqliteEventStore,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use local::free_port;
 
 async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
@@ -80,9 +81,7 @@ fn failed(output: &Output, expected: &str) {
 }
 
 async fn deposit(store: &SqliteEventStore, account: u32, amounts: &[i64]) {
-    let stream = StreamName::from_parts("account", account).unwrap();
-    let events = amounts.iter().map(|a| NewEvent::new("Deposited", json!({ "amount": a }))).collect();
-    store.append(&stream, ExpectedVersion::Any, events).await.unwrap();
+    local::deposit(store, &local::account(account), amounts).await;
 }
 
 async fn scalar(store: &SqliteEventStore, sql: &'static str) -> i64 {

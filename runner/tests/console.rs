@@ -3,11 +3,14 @@
 #![cfg(feature = "sqlite")]
 
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use annal_eventstore::{EventStore, ExpectedVersion, NewEvent, SqliteEventStore, StreamName};
 use serde_json::{Value, json};
+
+#[path = "support/local.rs"]
+mod local;
 
 const CONFIG: &str = r#"
 console_token = "${ANNAL_TEST_TOKEN}"
@@ -21,14 +24,7 @@ setup = ["CREATE TABLE IF NOT EXISTS ledger (event_id BLOB PRIMARY KEY, amount I
 Deposited = "INSERT INTO ledger (event_id, amount) VALUES (:event_id, :data ->> 'amount')"
 "#;
 
-struct Runner(Child);
-
-impl Drop for Runner {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use local::KillOnDrop as Runner;
 
 fn request(address: &str, method: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(address).ok()?;

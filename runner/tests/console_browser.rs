@@ -5,11 +5,14 @@
 #![cfg(feature = "sqlite")]
 
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use annal_eventstore::{EventStore, ExpectedVersion, NewEvent, SqliteEventStore, StreamName};
+use annal_eventstore::{SqliteEventStore, StreamName};
 use serde_json::{Value, json};
+
+#[path = "support/local.rs"]
+mod local;
 
 const CONFIG: &str = r#"
 console_token = "letmein"
@@ -34,18 +37,9 @@ setup = ["CREATE TABLE IF NOT EXISTS stuck (n INTEGER NOT NULL CHECK (n > 0))"]
 Deposited = "INSERT INTO stuck (n) VALUES (:data ->> 'amount')"
 "#;
 
-struct Killed(Child);
+use local::KillOnDrop as Killed;
 
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use local::free_port;
 
 /// One HTTP/1.1 request with an optional JSON body; the status and the JSON answer, read by its
 /// Content-Length (chromedriver keeps the connection open).
@@ -112,9 +106,7 @@ impl Browser {
 }
 
 async fn deposit(store: &SqliteEventStore, stream: &str, amounts: &[i64]) {
-    let stream = StreamName::new(stream).unwrap();
-    let events = amounts.iter().map(|a| NewEvent::new("Deposited", json!({ "amount": a }))).collect();
-    store.append(&stream, ExpectedVersion::Any, events).await.unwrap();
+    local::deposit(store, &StreamName::new(stream).unwrap(), amounts).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

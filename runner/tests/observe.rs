@@ -4,13 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use annal_eventstore::{EventStore, ExpectedVersion, NewEvent, SqliteEventStore, StreamName};
+use annal_eventstore::SqliteEventStore;
 use serde_json::{Value, json};
 
 /// A ledger whose handler refuses negative amounts: `amount = -1` is a poison event.
+#[path = "support/local.rs"]
+mod local;
+
 const LEDGER: &str = r#"
 [[projection]]
 name = "ledger"
@@ -26,19 +29,10 @@ Deposited = "INSERT INTO ledger (event_id, account, amount) VALUES (:event_id, :
 struct Runner {
     _dir: tempfile::TempDir,
     address: String,
-    child: Child,
+    _child: local::KillOnDrop,
 }
 
-impl Drop for Runner {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use local::free_port;
 
 /// Starts `run` on a fresh SQLite database with `extra` top-level settings and `retry` lines in
 /// the projection.
@@ -61,7 +55,7 @@ async fn start(extra: &str, retry: &str) -> (Runner, SqliteEventStore) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let runner = Runner { _dir: dir, address, child };
+    let runner = Runner { _dir: dir, address, _child: local::KillOnDrop(child) };
     let deadline = Instant::now() + Duration::from_secs(60);
     while get(&runner.address, "/health/live").is_none() {
         assert!(Instant::now() < deadline, "the runner never answered /health/live");
@@ -98,9 +92,7 @@ fn dechunk(body: &str) -> String {
 }
 
 async fn deposit(store: &SqliteEventStore, account: u32, amounts: &[i64]) {
-    let stream = StreamName::from_parts("account", account).unwrap();
-    let events = amounts.iter().map(|a| NewEvent::new("Deposited", json!({ "amount": a }))).collect();
-    store.append(&stream, ExpectedVersion::Any, events).await.unwrap();
+    local::deposit(store, &local::account(account), amounts).await;
 }
 
 /// A parsed Prometheus text exposition: `name{labels}` → value, with the `# TYPE` of each name.
