@@ -447,7 +447,8 @@ impl RunningProjections {
     pub async fn wait_for(&self, name: &str, position: Position, timeout: Duration) -> Result<()> {
         let running = self.get(name)?;
         let mut moved = running.progress.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
         let started_at = self.checkpoint(name).await?;
         let not_running = |reason: String| Error::NotRunning { projection: name.to_owned(), position, reason };
         loop {
@@ -474,15 +475,16 @@ impl RunningProjections {
             if now >= deadline {
                 return Err(Error::Timeout { projection: name.to_owned(), position, waited: timeout });
             }
-            // A partition behind `position` that nobody holds a lease on will not move.
-            let leases = self.store.leases(name).await?;
-            let partitions = running.projection.partitions().max(1);
-            for partition in 0..partitions {
-                let at = self.store.checkpoint(name, partition).await?.map_or(Position::START, |c| c.position);
-                let held = leases.iter().any(|l| l.partition == partition && l.expires_at > Utc::now());
-                // After two lease periods of waiting: time for a starting or taking-over runner.
-                if at < position && !held && now.duration_since(deadline - timeout) > self.lease * 2 {
-                    return Err(not_running(format!("no runner holds partition {partition} (no live lease)")));
+            // A partition behind `position` that nobody holds a lease on will not move. Checked
+            // after two lease periods of waiting: time for a starting or taking-over runner.
+            if now.duration_since(started) > self.lease * 2 {
+                let leases = self.store.leases(name).await?;
+                for partition in 0..running.projection.partitions().max(1) {
+                    let at = self.store.checkpoint(name, partition).await?.map_or(Position::START, |c| c.position);
+                    let held = leases.iter().any(|l| l.partition == partition && l.expires_at > Utc::now());
+                    if at < position && !held {
+                        return Err(not_running(format!("no runner holds partition {partition} (no live lease)")));
+                    }
                 }
             }
             // Woken by this process's workers; partitions run elsewhere are polled.
