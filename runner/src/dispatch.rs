@@ -35,6 +35,8 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
             out!("tables are up to date");
         }
         Command::Run { only, listen } => {
+            // Before anything runs: a SIGTERM from now on is a graceful shutdown.
+            let stop = crate::serve::shutdown_signal();
             database.check(&setup, &sql, true).await?;
             projections.extend(sql.into_iter().map(|p| Arc::new(p) as Arc<dyn Projection>));
             projections.extend(extra);
@@ -63,7 +65,7 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
                 handlers: projections.clone(),
                 token: config.console_token.clone(),
             };
-            crate::serve::serve(listen.as_deref().unwrap_or(&config.listen), observed).await?;
+            crate::serve::serve(listen.as_deref().unwrap_or(&config.listen), observed, stop).await?;
             let running = Arc::try_unwrap(running).map_err(|_| Error::StillServing)?;
             running.shutdown().await?;
         }

@@ -11,9 +11,13 @@ use axum::routing::get;
 use crate::observe::{Observed, not_ready};
 use crate::{Error, Result};
 
-/// Serves `/health/live`, `/health/ready` (and its alias `/health`) and `/metrics` until SIGINT
-/// or SIGTERM.
-pub(crate) async fn serve(listen: &str, observed: Observed) -> Result<()> {
+/// Serves `/health/live`, `/health/ready` (and its alias `/health`) and `/metrics` until `stop`
+/// resolves (see [`shutdown_signal`]).
+pub(crate) async fn serve(
+    listen: &str,
+    observed: Observed,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let handle = crate::metrics::install()?;
     let observed = Arc::new(observed);
     let metrics = move |State(observed): State<Arc<Observed>>| async move {
@@ -31,7 +35,7 @@ pub(crate) async fn serve(listen: &str, observed: Observed) -> Result<()> {
         .map_err(|source| Error::Listen { address: listen.to_owned(), source })?;
     let address = listener.local_addr().map_or_else(|_| listen.to_owned(), |a| a.to_string());
     tracing::info!(%address, "serving /health, /metrics and the console");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.map_err(Error::Serve)?;
+    axum::serve(listener, app).with_graceful_shutdown(stop).await.map_err(Error::Serve)?;
     tracing::info!("shutting down: finishing in-flight batches and releasing leases");
     Ok(())
 }
@@ -48,21 +52,34 @@ async fn ready(State(observed): State<Arc<Observed>>) -> Response {
     }
 }
 
-pub(crate) async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Resolves at the first SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: call it before starting any work, so that a signal that
+/// arrives early is a graceful shutdown rather than the default action, which kills the process.
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let terminate = signal(SignalKind::terminate()).ok();
+        async move {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(interrupt) => {}
+                () = wait(terminate) => {}
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => {}
-        () = terminate => {}
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
