@@ -93,7 +93,8 @@ impl<'a, S: EventStore + ?Sized> Follower<'a, S> {
     /// store is closed.
     pub async fn next_page(&mut self) -> Result<Page> {
         loop {
-            if let Some(wait) = self.wait.take()
+            let waited = self.wait.take();
+            if let Some(wait) = waited
                 && self.wakeup.wait(wait).await
             {
                 self.quick_poll = Some(Duration::from_millis(1));
@@ -103,11 +104,16 @@ impl<'a, S: EventStore + ?Sized> Follower<'a, S> {
             }
             self.wakeup.mark_seen();
             let limit = self.options.page_size;
-            let read = match self.wakeup.tail.page(self.store, self.from, &self.filter, limit, &self.wakeup).await {
-                Ok(Some(page)) => Ok(page),
-                Ok(None) => self.store.read_all_page(self.from, &self.filter, limit).await,
-                Err(error) => Err(error),
-            };
+            // A poll after waiting `w` without a wake-up may take the shared tail as another
+            // follower refreshed it in the last `w / 2`: that read came after this follower's
+            // previous one, and followers polling on one schedule then share one read.
+            let max_age = waited.map_or(Duration::ZERO, |wait| wait / 2);
+            let read =
+                match self.wakeup.tail.page(self.store, self.from, &self.filter, limit, &self.wakeup, max_age).await {
+                    Ok(Some(page)) => Ok(page),
+                    Ok(None) => self.store.read_all_page(self.from, &self.filter, limit).await,
+                    Err(error) => Err(error),
+                };
             match read {
                 Ok(page) => {
                     self.error_delay = None;

@@ -35,14 +35,15 @@ const TAIL_CAPACITY: usize = 8192;
 /// Events per refresh.
 const TAIL_PAGE: usize = 1000;
 /// Subscribers that poll without a wake-up (the safety net for events that become visible late)
-/// refresh the tail at most this often between them.
+/// refresh the tail at most this often between them, or less often when they say so.
 const TAIL_MIN_REFRESH: Duration = Duration::from_millis(1);
 
 impl Tail {
     /// A page of the events after `from` that `filter` selects, at most `limit`, taken from the
     /// recent log when `from` is within it (reading the next page from the database if the
     /// subscriber may be missing something); `None` when `from` is older than the recent log, so
-    /// that the caller reads the database itself.
+    /// that the caller reads the database itself. Without a wake-up since the last refresh, a
+    /// refresh less than `max_age` (at least [`TAIL_MIN_REFRESH`]) old is as good as a new read.
     pub(crate) async fn page<S: EventStore + ?Sized>(
         &self,
         store: &S,
@@ -50,7 +51,9 @@ impl Tail {
         filter: &Filter,
         limit: usize,
         wakeup: &Wakeup,
+        max_age: Duration,
     ) -> Result<Option<Page>> {
+        let max_age = max_age.max(TAIL_MIN_REFRESH);
         let mut st = self.state.lock().await;
         if !st.primed || from > st.end {
             // Start (again) where this subscriber is: it is the one furthest ahead.
@@ -68,8 +71,7 @@ impl Tail {
                 let next = events.last().map_or(from, |e| e.position);
                 return Ok(Some(Page::new(events, next)));
             }
-            let stale =
-                wakeup.latest() != st.version || st.refreshed_at.is_none_or(|at| at.elapsed() >= TAIL_MIN_REFRESH);
+            let stale = wakeup.latest() != st.version || st.refreshed_at.is_none_or(|at| at.elapsed() >= max_age);
             if !events.is_empty() || refreshed || !stale {
                 return Ok(Some(Page::new(events, st.end)));
             }
