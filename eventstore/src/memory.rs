@@ -124,7 +124,7 @@ impl EventStore for MemoryEventStore {
             }
             AppendResult::new(first + positions.len() as u64 - 1, positions)
         };
-        self.notifier.notify();
+        self.notifier.notify_up_to(result.position());
         Ok(result)
     }
 

@@ -2,7 +2,9 @@
 //! one per subscription.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::{EventStore, Filter, Page, Position, RecordedEvent, Result, Wakeup};
 

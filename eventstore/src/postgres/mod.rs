@@ -128,7 +128,7 @@ impl PgEventStore {
     /// # Errors
     /// [`Error::Closed`], [`Error::Backend`].
     pub async fn begin(&self) -> Result<PgTransaction<'_>> {
-        Ok(PgTransaction { store: self, tx: self.pool.begin().await? })
+        Ok(PgTransaction { store: self, tx: self.pool.begin().await?, appended_up_to: Position::START })
     }
 
     /// Closes the pool; every later call fails with [`Error::Closed`].
@@ -159,9 +159,12 @@ impl PgEventStore {
         }))
     }
 
-    fn committed(&self) {
-        self.notifier.notify();
-        self.announcer.announce();
+    /// Wakes subscribers here and, through the announcer, in other processes, for events
+    /// committed up to `up_to` (`Position::START` when a transaction appended nothing: its end
+    /// may still make others' events visible).
+    fn committed(&self, up_to: Position) {
+        self.notifier.notify_up_to(up_to);
+        self.announcer.announce(up_to);
     }
 }
 
@@ -189,6 +192,8 @@ pub struct OpenTransaction {
 pub struct PgTransaction<'s> {
     store: &'s PgEventStore,
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// The furthest position appended, announced to subscribers on commit.
+    appended_up_to: Position,
 }
 
 impl PgTransaction<'_> {
@@ -204,7 +209,9 @@ impl PgTransaction<'_> {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
         let encoded = encode_batch(events, self.store.max_event_size)?;
-        append_on(&mut self.tx, true, stream, expected, &encoded).await
+        let result = append_on(&mut self.tx, true, stream, expected, &encoded).await?;
+        self.appended_up_to = self.appended_up_to.max(result.position());
+        Ok(result)
     }
 
     /// The connection, for the caller's own statements in this transaction.
@@ -218,7 +225,7 @@ impl PgTransaction<'_> {
     /// [`Error::Backend`] if the commit fails (nothing was written).
     pub async fn commit(self) -> Result<()> {
         self.tx.commit().await?;
-        self.store.committed();
+        self.store.committed(self.appended_up_to);
         Ok(())
     }
 
@@ -459,7 +466,7 @@ impl EventStore for PgEventStore {
         let encoded = encode_batch(events, self.max_event_size)?;
         let mut conn = self.pool.acquire().await?;
         let result = append_on(&mut conn, false, stream, expected, &encoded).await?;
-        self.committed();
+        self.committed(result.position());
         Ok(result)
     }
 

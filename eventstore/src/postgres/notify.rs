@@ -6,15 +6,22 @@
 //! one `NOTIFY` per interval, in its own transaction with `synchronous_commit = off`, and every
 //! store listening in any process turns it into a local wake-up. A lost notification costs only
 //! latency: subscribers still poll at their safety-net interval.
+//!
+//! The `NOTIFY` payload is the furthest position the store committed and the store's own random
+//! id (`transaction.sequence.origin`), so that a woken subscriber knows when it has read what
+//! was announced and need not re-poll (`crate::follower`), and a store ignores its own echo (its
+//! subscribers were woken when it committed); an empty or unreadable payload is a wake-up that
+//! did not say.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::Position;
 use crate::subscription::Notifier;
 
 /// The channel every store of a database uses.
@@ -27,6 +34,8 @@ const MIN_INTERVAL: Duration = Duration::from_millis(2);
 #[derive(Debug)]
 pub(super) struct Announcer {
     pending: Arc<Notify>,
+    /// The furthest position committed by this process.
+    up_to: Arc<Mutex<Position>>,
     enabled: AtomicBool,
     cancel: CancellationToken,
 }
@@ -34,15 +43,21 @@ pub(super) struct Announcer {
 impl Announcer {
     pub(super) fn start(pool: PgPool, notifier: Notifier) -> Self {
         let pending = Arc::new(Notify::new());
+        let up_to = Arc::new(Mutex::new(Position::START));
         let cancel = CancellationToken::new();
-        tokio::spawn(listen(pool.clone(), notifier, cancel.clone()));
-        tokio::spawn(announce(pool, pending.clone(), cancel.clone()));
-        Announcer { pending, enabled: AtomicBool::new(true), cancel }
+        let origin = uuid::Uuid::new_v4().as_u64_pair().0;
+        tokio::spawn(listen(pool.clone(), notifier, origin, cancel.clone()));
+        tokio::spawn(announce(pool, pending.clone(), up_to.clone(), origin, cancel.clone()));
+        Announcer { pending, up_to, enabled: AtomicBool::new(true), cancel }
     }
 
-    /// Flags a commit; cheap, never waits. Flags coalesce until the next `NOTIFY`.
-    pub(super) fn announce(&self) {
+    /// Flags a commit of events up to `position`; cheap, never waits. Flags coalesce until the
+    /// next `NOTIFY`.
+    pub(super) fn announce(&self, position: Position) {
         if self.enabled.load(Ordering::Relaxed) {
+            let mut up_to = self.up_to.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            *up_to = (*up_to).max(position);
+            drop(up_to);
             self.pending.notify_one();
         }
     }
@@ -63,17 +78,26 @@ impl Drop for Announcer {
     }
 }
 
-async fn announce(pool: PgPool, pending: Arc<Notify>, cancel: CancellationToken) {
+async fn announce(
+    pool: PgPool,
+    pending: Arc<Notify>,
+    up_to: Arc<Mutex<Position>>,
+    origin: u64,
+    cancel: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             () = pending.notified() => {}
         }
         let started = tokio::time::Instant::now();
-        let sent =
-            sqlx::raw_sql("BEGIN; SET LOCAL synchronous_commit TO off; SELECT pg_notify('annal_events', ''); COMMIT;")
-                .execute(&pool)
-                .await;
+        let position = *up_to.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Two integers: nothing to escape.
+        let sql = format!(
+            "BEGIN; SET LOCAL synchronous_commit TO off; SELECT pg_notify('{CHANNEL}', '{}'); COMMIT;",
+            payload(position, origin)
+        );
+        let sent = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
         if let Err(error) = sent {
             if pool.is_closed() {
                 return;
@@ -87,7 +111,7 @@ async fn announce(pool: PgPool, pending: Arc<Notify>, cancel: CancellationToken)
     }
 }
 
-async fn listen(pool: PgPool, notifier: Notifier, cancel: CancellationToken) {
+async fn listen(pool: PgPool, notifier: Notifier, origin: u64, cancel: CancellationToken) {
     let mut retry = Duration::from_millis(100);
     while !cancel.is_cancelled() && !pool.is_closed() {
         let listener = async {
@@ -114,7 +138,11 @@ async fn listen(pool: PgPool, notifier: Notifier, cancel: CancellationToken) {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 received = listener.try_recv() => match received {
-                    Ok(Some(_)) => notifier.notify(),
+                    Ok(Some(notification)) => match parse_payload(notification.payload()) {
+                        Some((_, from)) if from == origin => {}
+                        Some((position, _)) => notifier.notify_up_to(position),
+                        None => notifier.notify(),
+                    },
                     // The connection was lost; `try_recv` reconnects on the next call.
                     Ok(None) => notifier.notify(),
                     Err(error) => {
@@ -123,6 +151,37 @@ async fn listen(pool: PgPool, notifier: Notifier, cancel: CancellationToken) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The `NOTIFY` payload announcing events up to `position`, committed by the store `origin`.
+fn payload(position: Position, origin: u64) -> String {
+    format!("{}.{}.{origin}", position.transaction(), position.sequence())
+}
+
+/// The position a `NOTIFY` payload announces and the store that sent it; `None` for one that
+/// does not say (empty, or from another program).
+fn parse_payload(payload: &str) -> Option<(Position, u64)> {
+    let mut parts = payload.split('.');
+    let mut next = || parts.next()?.parse::<u64>().ok();
+    let parsed = (Position::new(next()?, next()?), next()?);
+    parts.next().is_none().then_some(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip_and_anything_else_says_nothing() {
+        for position in [Position::START, Position::new(734, 2), Position::new(u64::MAX, u64::MAX)] {
+            for origin in [0, 42, u64::MAX] {
+                assert_eq!(parse_payload(&payload(position, origin)), Some((position, origin)));
+            }
+        }
+        for other in ["", "7", "7.1", "7.1.", ".7.1", "a.b.c", "1.2.3.4", "-1.2.3", "18446744073709551616.0.1"] {
+            assert_eq!(parse_payload(other), None, "{other:?}");
         }
     }
 }

@@ -313,8 +313,9 @@ impl EventStore for SqliteEventStore {
             }
         }
         tx.commit().await?;
-        self.notifier.notify();
-        Ok(AppendResult::new(first + encoded.len() as u64 - 1, positions))
+        let result = AppendResult::new(first + encoded.len() as u64 - 1, positions);
+        self.notifier.notify_up_to(result.position());
+        Ok(result)
     }
 
     async fn read_stream_page(
