@@ -48,15 +48,20 @@ enum Style {
 async fn subscribers_see_every_committed_event_once_in_one_order_despite_slow_and_rolled_back_writers() {
     const WRITERS: usize = 20;
     const RUN_FOR: Duration = Duration::from_secs(5);
+    const ENOUGH: usize = 1500;
     let store = store(WRITERS as u32 + 10).await;
     let early = tokio::spawn(collect_until_end(store.clone()));
 
     let committed_so_far = Arc::new(AtomicUsize::new(0));
+    // Events committed: the run lasts `RUN_FOR`, and longer on a slow machine until enough were.
+    let events_committed = Arc::new(AtomicUsize::new(0));
     let half_way = Arc::new(Notify::new());
-    let deadline = tokio::time::Instant::now() + RUN_FOR;
+    let started = tokio::time::Instant::now();
+    let (deadline, cap) = (started + RUN_FOR, started + RUN_FOR * 12);
     let writers: Vec<_> = (0..WRITERS)
         .map(|w| {
             let (store, counter, half_way) = (store.clone(), committed_so_far.clone(), half_way.clone());
+            let events_committed = events_committed.clone();
             let style = match w % 5 {
                 0 => Style::Slow,
                 1 => Style::RolledBack,
@@ -67,7 +72,11 @@ async fn subscribers_see_every_committed_event_once_in_one_order_despite_slow_an
                 let (mut committed, mut rolled_back) = (Vec::new(), Vec::new());
                 let mut version = None;
                 let mut i = 0u64;
-                while tokio::time::Instant::now() < deadline {
+                let running = || {
+                    let now = tokio::time::Instant::now();
+                    now < deadline || (now < cap && events_committed.load(Ordering::Relaxed) < ENOUGH)
+                };
+                while running() {
                     i += 1;
                     let batch: Vec<_> =
                         (0..1 + i % 3).map(|k| NewEvent::new("Wrote", json!({ "w": w, "i": i, "k": k }))).collect();
@@ -76,6 +85,7 @@ async fn subscribers_see_every_committed_event_once_in_one_order_despite_slow_an
                     match style {
                         Style::Quick => {
                             version = Some(store.append(&stream, expected, batch).await.unwrap().version);
+                            events_committed.fetch_add(ids.len(), Ordering::Relaxed);
                             committed.extend(ids);
                         }
                         Style::Slow | Style::RolledBack => {
@@ -87,6 +97,7 @@ async fn subscribers_see_every_committed_event_once_in_one_order_despite_slow_an
                             if matches!(style, Style::Slow) {
                                 tx.commit().await.unwrap();
                                 version = Some(written.version);
+                                events_committed.fetch_add(ids.len(), Ordering::Relaxed);
                                 committed.extend(ids);
                             } else {
                                 tx.rollback().await.unwrap();
@@ -124,7 +135,7 @@ async fn subscribers_see_every_committed_event_once_in_one_order_despite_slow_an
         early.len(),
         late.len()
     );
-    assert!(committed.len() > 1000, "the workload was too small to prove anything: {}", committed.len());
+    assert!(committed.len() >= ENOUGH, "the workload was too small to prove anything: {}", committed.len());
     assert!(!rolled_back.is_empty());
     for (name, seen) in [("early", &early), ("late", &late)] {
         let ids: Vec<Uuid> = seen.iter().map(|e| e.id).collect();

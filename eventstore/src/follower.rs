@@ -8,8 +8,9 @@
 //!   follower has read as far as the wake-ups announced, when they said (a wake-up from an
 //!   append names its position). A follower that has read everything announced waits for the
 //!   next wake-up: one read per wake-up.
-//! - **The shared tail.** Followers near the head take their pages from the store's recent log,
-//!   so N of them cost one database read per wake-up, not N.
+//! - **The shared tail.** Followers at the head take their pages from the store's recent log,
+//!   so N of them cost one database read per wake-up, not N; a follower catching up (its last
+//!   read of the database was a full page) reads the database itself.
 //! - **Back-off.** After a read error the next read waits, from the retry delay doubling up to
 //!   the poll interval; the error itself goes to the caller.
 
@@ -58,6 +59,9 @@ pub struct Follower<'a, S: ?Sized> {
     /// Whether a wake-up that did not say what it announced is being re-polled for: the quick
     /// re-polls then run their course.
     unknown: bool,
+    /// Whether the last read of the database reached the head of the log: the follower then
+    /// reads through the store's shared tail; while catching up it reads the database itself.
+    at_head: bool,
     /// The announced position the current quick re-polls are for: one round of them per
     /// wake-up, or per newly announced position, not an endless one while events stay hidden.
     quick_for: Option<Position>,
@@ -78,6 +82,7 @@ impl<'a, S: EventStore + ?Sized> Follower<'a, S> {
             quick_poll: None,
             unknown: false,
             quick_for: None,
+            at_head: false,
             error_delay: None,
         }
     }
@@ -124,12 +129,25 @@ impl<'a, S: EventStore + ?Sized> Follower<'a, S> {
             // follower refreshed it in the last `w / 2`: that read came after this follower's
             // previous one, and followers polling on one schedule then share one read.
             let max_age = waited.map_or(Duration::ZERO, |wait| wait / 2);
-            let read =
-                match self.wakeup.tail.page(self.store, self.from, &self.filter, limit, &self.wakeup, max_age).await {
-                    Ok(Some(page)) => Ok(page),
-                    Ok(None) => self.store.read_all_page(self.from, &self.filter, limit).await,
-                    Err(error) => Err(error),
-                };
+            let shared = if self.at_head {
+                self.wakeup.tail.page(self.store, self.from, &self.filter, limit, &self.wakeup, max_age).await
+            } else {
+                Ok(None)
+            };
+            let read = match shared {
+                Ok(Some(page)) => Ok(page),
+                Ok(None) => {
+                    let page = self.store.read_all_page(self.from, &self.filter, limit).await;
+                    // A full page of its own: catching up, so the next one comes from the database
+                    // too (the tail would hold and copy every event on the way). A short one: at
+                    // the head, where the tail is shared.
+                    if let Ok(page) = &page {
+                        self.at_head = page.events.len() < limit;
+                    }
+                    page
+                }
+                Err(error) => Err(error),
+            };
             match read {
                 Ok(page) => {
                     self.error_delay = None;
