@@ -98,7 +98,9 @@ pub enum Error {
     },
     /// A wait for a position cannot end while the projection is paused (`annal-runner pause`,
     /// or a rebuild or reset that took it over).
-    #[error("projection {projection} is paused by {by} ({reason}), so it will not reach position {position} until it is resumed")]
+    #[error(
+        "projection {projection} is paused by {by} ({reason}), so it will not reach position {position} until it is resumed"
+    )]
     Paused {
         /// The projection waited for.
         projection: String,

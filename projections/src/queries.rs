@@ -88,4 +88,3 @@ pub(crate) const PUT_CHECKPOINT: &str = "INSERT INTO annal_checkpoints \
 /// Removes projection $1's dead letters after position ($2, $3).
 pub(crate) const REMOVE_DEAD_LETTERS_AFTER: &str = "DELETE FROM annal_dead_letters WHERE projection = $1 \
      AND (position_tx > $2 OR (position_tx = $2 AND position_seq > $3))";
-

@@ -221,8 +221,12 @@ impl Coordinator {
             if !*paused {
                 *paused = true;
                 let pause = control.paused.as_ref();
-                tracing::info!(projection = self.name(), by = pause.map(|p| p.by.as_str()),
-                    reason = pause.map(|p| p.reason.as_str()), "projection paused: released its partitions");
+                tracing::info!(
+                    projection = self.name(),
+                    by = pause.map(|p| p.by.as_str()),
+                    reason = pause.map(|p| p.reason.as_str()),
+                    "projection paused: released its partitions"
+                );
                 self.store.deregister_runner(self.name(), &self.owner).await?;
             }
             return first;
@@ -261,8 +265,12 @@ impl Coordinator {
             if let Some(h) = held.remove(&partition) {
                 let fence = h.fence.clone();
                 self.stop(partition, h, false).await?;
-                tracing::info!(projection = self.name(), partition, epoch = control.epoch,
-                    "the checkpoint was reset or moved: restarting the partition from it");
+                tracing::info!(
+                    projection = self.name(),
+                    partition,
+                    epoch = control.epoch,
+                    "the checkpoint was reset or moved: restarting the partition from it"
+                );
                 held.insert(partition, self.spawn(partition, fence, control.epoch, cancel));
             }
         }
@@ -515,7 +523,12 @@ impl RunningProjections {
                 return Err(not_running("it stopped in this process (see its error in the log)".into()));
             }
             if let Some(pause) = self.store.control(name).await?.paused.filter(|p| p.by != self.owner) {
-                return Err(Error::Paused { projection: name.to_owned(), position, by: pause.by, reason: pause.reason });
+                return Err(Error::Paused {
+                    projection: name.to_owned(),
+                    position,
+                    by: pause.by,
+                    reason: pause.reason,
+                });
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {

@@ -7,8 +7,8 @@ use std::time::Duration;
 use annal_projections::{Projection, ProjectionRunner, ProjectionStore};
 
 use crate::config::{Config, SqlProjectionConfig};
-use crate::database::Database;
 use crate::control::Takeover;
+use crate::database::Database;
 use crate::{Error, Result, SqlProjection, options_for};
 
 /// How often a rebuild logs its progress when standard error is not a terminal.

@@ -208,14 +208,17 @@ async fn the_console_in_chromium() {
     browser
         .until("paused", "return document.querySelector('.control[data-projection=ledger]').dataset.paused === 'yes'")
         .await;
-    let leases = "SELECT count(*) FROM annal_leases WHERE projection = 'ledger' AND expires_at > unixepoch('subsec') * 1000000";
+    let leases =
+        "SELECT count(*) FROM annal_leases WHERE projection = 'ledger' AND expires_at > unixepoch('subsec') * 1000000";
     let deadline = Instant::now() + Duration::from_secs(60);
     while sqlx::query_scalar::<_, i64>(leases).fetch_one(store.writer()).await.unwrap() > 0 {
         assert!(Instant::now() < deadline, "the runner kept the paused projection's lease");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     deposit(&store, "account-2", &[10]).await;
-    browser.until("the paused row", "return document.querySelector('#projections tbody').textContent.includes('paused')").await;
+    browser
+        .until("the paused row", "return document.querySelector('#projections tbody').textContent.includes('paused')")
+        .await;
     browser.run("document.querySelector('.control[data-projection=ledger] .resume').click()");
     browser
         .until("resumed", "return document.querySelector('.control[data-projection=ledger]').dataset.paused === 'no'")

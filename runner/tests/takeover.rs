@@ -239,7 +239,8 @@ async fn a_pause_stops_two_live_runners_and_resume_catches_up_exactly(db: Db) {
             let (mut count, mut sum) = (0i64, 0i64);
             while !stop.load(Ordering::SeqCst) {
                 let stream = StreamName::from_parts("account", count % 8).unwrap();
-                events.append(&stream, ExpectedVersion::Any, vec![NewEvent::new("Deposited", json!({ "amount": 3 }))])
+                events
+                    .append(&stream, ExpectedVersion::Any, vec![NewEvent::new("Deposited", json!({ "amount": 3 }))])
                     .await
                     .unwrap();
                 (count, sum) = (count + 1, sum + 3);
@@ -296,7 +297,8 @@ async fn rebuild_in_place_takes_over_from_a_live_runner_with_its_own_configurati
     let mut total = db.deposit(2000, |i| (i % 5) as i64 + 1).await;
     // The poison: its amount is under another key, which the live handler does not read.
     let poison = StreamName::from_parts("account", 99).unwrap();
-    db.events.append(&poison, ExpectedVersion::Any, vec![NewEvent::new("Deposited", json!({ "value": 1000 }))])
+    db.events
+        .append(&poison, ExpectedVersion::Any, vec![NewEvent::new("Deposited", json!({ "value": 1000 }))])
         .await
         .unwrap();
     total += 1000;

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use annal::projections::{
-    Error, Pause, Projection, ProjectionRunner, ProjectionStore, Park, Tx, WorkerOptions,
-};
+use annal::projections::{Error, Park, Pause, Projection, ProjectionRunner, ProjectionStore, Tx, WorkerOptions};
 use annal::{BoxError, EventStore, ExpectedVersion, Filter, NewEvent, Position, RecordedEvent, StreamName};
 use serde_json::json;
 use uuid::Uuid;
