@@ -217,7 +217,7 @@ pub(crate) async fn reset_to(
     let owner = crate::dispatch::owner_name();
     let takeover = Takeover::start(store, name, &owner, &format!("reset --to {to}"), lease).await?;
     if let Err(error) = store.move_checkpoints(name, count, to).await {
-        return Err(takeover.failed(format!("moving the checkpoints failed: {}", error)));
+        return Err(takeover.failed(format!("moving the checkpoints failed: {error}")));
     }
     let resumed = takeover.finish(store).await?;
     let skipped: u64 = moves.iter().filter(|m| m.forward).map(|m| m.events).sum();
