@@ -48,11 +48,14 @@ impl State {
         self.controls.entry(projection.to_owned()).or_default().epoch += 1;
     }
 
+    /// Whether `fence` holds the partition's lease and the projection is not paused for
+    /// another runner (as the SQL stores' `ADVANCE` checks), or there is no fence.
     fn holds(&self, projection: &str, partition: u32, fence: Option<&Fence>) -> bool {
         fence.is_none_or(|fence| {
             self.leases
                 .get(&(projection.to_owned(), partition))
                 .is_some_and(|l| l.owner == fence.owner && l.token == fence.token)
+                && self.controls.get(projection).is_none_or(|c| c.runnable_by(&fence.owner))
         })
     }
 

@@ -122,11 +122,17 @@ pub(crate) async fn the_control_record_is_the_same_on_every_store(backend: Backe
     assert!(store.acquire_lease("ctl", 0, "runner", ttl).await.unwrap().is_none(), "paused for another");
     assert!(store.acquire_lease("ctl", 0, "rebuilder", ttl).await.unwrap().is_some(), "paused for itself");
     assert!(store.resume("ctl").await.unwrap());
-    assert!(store.acquire_lease("ctl", 1, "runner", ttl).await.unwrap().is_some(), "resumed");
+    let fence = store.acquire_lease("ctl", 1, "runner", ttl).await.unwrap().expect("resumed");
+    // The pause is part of the fence: a holder that has not yet seen it cannot commit.
+    let (_, first) = append(&*backend.events, "other", 1, 1).await;
+    store.pause("ctl", &Pause::new("rebuilder", "rebuild")).await.unwrap();
+    assert!(!store.advance("ctl", 1, Position::START, first, None, Some(&fence)).await.unwrap(), "paused");
+    assert!(store.resume("ctl").await.unwrap());
+    assert!(store.advance("ctl", 1, Position::START, first, None, Some(&fence)).await.unwrap(), "resumed");
     // Two dead letters, then every partition moved between them: the later one goes (its event
     // will be met again), the earlier one stays.
-    let (_, _) = append(&*backend.events, "order", 1, 5).await;
-    let page = backend.events.read_all_page(Position::START, &Filter::all(), 10).await.unwrap();
+    append(&*backend.events, "order", 1, 5).await;
+    let page = backend.events.read_all_page(first, &Filter::categories(["order"]), 10).await.unwrap();
     let e = &page.events;
     let park = |event| Park { event, error: "poison", attempts: 1 };
     assert!(store.park("ctl", 0, Position::START, park(&e[1]), None).await.unwrap());
