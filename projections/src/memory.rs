@@ -48,15 +48,19 @@ impl State {
         self.controls.entry(projection.to_owned()).or_default().epoch += 1;
     }
 
-    /// Whether `fence` holds the partition's lease and the projection is not paused for
-    /// another runner (as the SQL stores' `ADVANCE` checks), or there is no fence.
+    /// Whether `fence` holds the partition's lease, or there is no fence.
     fn holds(&self, projection: &str, partition: u32, fence: Option<&Fence>) -> bool {
         fence.is_none_or(|fence| {
             self.leases
                 .get(&(projection.to_owned(), partition))
                 .is_some_and(|l| l.owner == fence.owner && l.token == fence.token)
-                && self.controls.get(projection).is_none_or(|c| c.runnable_by(&fence.owner))
         })
+    }
+
+    /// Whether the projection is not paused for a runner other than `fence`'s (as the SQL
+    /// stores' `ADVANCE` checks).
+    fn unpaused_for(&self, projection: &str, fence: Option<&Fence>) -> bool {
+        fence.is_none_or(|fence| self.controls.get(projection).is_none_or(|c| c.runnable_by(&fence.owner)))
     }
 
     fn advance(
@@ -101,7 +105,9 @@ impl ProjectionStore for MemoryProjectionStore {
         last_recorded_at: Option<DateTime<Utc>>,
         fence: Option<&Fence>,
     ) -> Result<bool> {
-        Ok(self.state().advance(projection, partition, from, to, last_recorded_at, fence))
+        let mut state = self.state();
+        Ok(state.unpaused_for(projection, fence)
+            && state.advance(projection, partition, from, to, last_recorded_at, fence))
     }
 
     async fn apply(
@@ -114,7 +120,13 @@ impl ProjectionStore for MemoryProjectionStore {
         fence: Option<&Fence>,
     ) -> Result<Applied> {
         let current = self.checkpoint(projection.name(), partition).await?.map_or(Position::START, |c| c.position);
-        if current != from || !self.state().holds(projection.name(), partition, fence) {
+        // The pause is checked before the handler only: its effects here cannot be rolled back,
+        // so once they are made the checkpoint must follow (the lease still fences it).
+        let allowed = {
+            let state = self.state();
+            state.holds(projection.name(), partition, fence) && state.unpaused_for(projection.name(), fence)
+        };
+        if current != from || !allowed {
             return Ok(Applied::Moved);
         }
         if let Err(error) = crate::projection::run_handler(projection, events, &mut Tx::none()).await {
@@ -137,7 +149,9 @@ impl ProjectionStore for MemoryProjectionStore {
         fence: Option<&Fence>,
     ) -> Result<bool> {
         let mut state = self.state();
-        if !state.advance(projection, partition, from, park.event.position, None, fence) {
+        if !state.unpaused_for(projection, fence)
+            || !state.advance(projection, partition, from, park.event.position, None, fence)
+        {
             return Ok(false);
         }
         state.next_id += 1;
