@@ -5,6 +5,13 @@
 
 mod support;
 
+#[path = "projections/control.rs"]
+mod control;
+use control::{
+    a_paused_projection_is_let_go_and_resumes_exactly, a_reset_under_a_caught_up_worker_is_noticed_without_new_events,
+    the_control_record_is_the_same_on_every_store,
+};
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -124,6 +131,9 @@ impl Projection for Ledger {
 /// Reads a ledger's read model: its name, the projection (for the in-memory one).
 type ReadLedger = dyn Fn(&'static str, Arc<Ledger>) -> futures::future::BoxFuture<'static, HashSet<Uuid>> + Send + Sync;
 
+/// Empties a ledger's read model, as a rebuild's `reset` statements do.
+type ClearLedger = dyn Fn(&'static str, Arc<Ledger>) -> futures::future::BoxFuture<'static, ()> + Send + Sync;
+
 /// One backend under test: the event store, the projection store, and a way to read a ledger.
 #[derive(Clone)]
 struct Backend {
@@ -131,11 +141,18 @@ struct Backend {
     store: Arc<dyn ProjectionStore>,
     dedup: Arc<dyn DedupStore>,
     read: Arc<ReadLedger>,
+    clear: Arc<ClearLedger>,
+    /// "memory", "sqlite" or "postgres".
+    kind: &'static str,
 }
 
 impl Backend {
     async fn ledger(&self, projection: &Arc<Ledger>) -> HashSet<Uuid> {
         (self.read)(projection.name, projection.clone()).await
+    }
+
+    async fn clear(&self, projection: &Arc<Ledger>) {
+        (self.clear)(projection.name, projection.clone()).await
     }
 }
 
@@ -146,6 +163,8 @@ fn memory() -> Backend {
         store: store.clone(),
         dedup: store,
         read: Arc::new(|_, ledger| Box::pin(async move { ledger.memory.lock().unwrap().clone() })),
+        clear: Arc::new(|_, ledger| Box::pin(async move { ledger.memory.lock().unwrap().clear() })),
+        kind: "memory",
     }
 }
 
@@ -170,13 +189,35 @@ macro_rules! sql_ledger {
     }};
 }
 
+/// Empties a ledger table through `pool`, if it exists.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+macro_rules! sql_clear {
+    ($pool:expr) => {{
+        let pool = $pool;
+        Arc::new(move |name, _| {
+            let pool = pool.clone();
+            Box::pin(async move {
+                let sql = format!("DELETE FROM ledger_{name}");
+                let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+            })
+        })
+    }};
+}
+
 #[cfg(feature = "sqlite")]
 async fn sqlite() -> (Backend, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let events = annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap();
     let store = Arc::new(annal::projections::SqliteProjectionStore::new(&events).await.unwrap());
     let pool = events.writer().clone();
-    let backend = Backend { events: Arc::new(events), store: store.clone(), dedup: store, read: sql_ledger!(pool) };
+    let backend = Backend {
+        events: Arc::new(events),
+        store: store.clone(),
+        dedup: store,
+        read: sql_ledger!(pool.clone()),
+        clear: sql_clear!(pool),
+        kind: "sqlite",
+    };
     (backend, dir)
 }
 
@@ -185,7 +226,14 @@ async fn postgres() -> Backend {
     let events = support::pg::fresh_store().await;
     let store = Arc::new(annal::projections::PgProjectionStore::new(&events).await.unwrap());
     let pool = events.pool().clone();
-    Backend { events: Arc::new(events), store: store.clone(), dedup: store, read: sql_ledger!(pool) }
+    Backend {
+        events: Arc::new(events),
+        store: store.clone(),
+        dedup: store,
+        read: sql_ledger!(pool.clone()),
+        clear: sql_clear!(pool),
+        kind: "postgres",
+    }
 }
 
 macro_rules! backends {
@@ -218,6 +266,9 @@ backends!(
     a_panicking_handler_is_a_failure_like_an_error,
     dropping_the_runner_stops_it_and_hands_its_partitions_over,
     changing_the_partition_count_is_refused_until_a_rebuild,
+    a_paused_projection_is_let_go_and_resumes_exactly,
+    a_reset_under_a_caught_up_worker_is_noticed_without_new_events,
+    the_control_record_is_the_same_on_every_store,
 );
 
 /// Panics on one event, every time; applies the others into the ledger.
@@ -707,6 +758,26 @@ mod leases {
     );
 }
 
+/// Cases for the stores whose batches are transactions (the memory store's are not: a
+/// handler's effects there cannot be rolled back, as `MemoryProjectionStore` says).
+mod transactional {
+    #[cfg(feature = "sqlite")]
+    mod on_sqlite {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_worker_mid_batch_never_commits_on_top_of_a_reset() {
+            let (backend, _dir) = crate::sqlite().await;
+            crate::control::a_worker_mid_batch_never_commits_on_top_of_a_reset(backend).await;
+        }
+    }
+    #[cfg(feature = "postgres")]
+    mod on_postgres {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_worker_mid_batch_never_commits_on_top_of_a_reset() {
+            crate::control::a_worker_mid_batch_never_commits_on_top_of_a_reset(crate::postgres().await).await;
+        }
+    }
+}
+
 /// A partitioned at-least-once consumer whose partition 0 waits at a gate: its lag grows while
 /// the other partitions keep up.
 struct Gated {
@@ -909,8 +980,8 @@ async fn an_unreadable_event_is_parked_and_the_rest_flows_on_sqlite() {
     let events = annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap();
     let store = Arc::new(annal::projections::SqliteProjectionStore::new(&events).await.unwrap());
     let pool = events.writer().clone();
-    let backend =
-        Backend { events: Arc::new(events), store: store.clone(), dedup: store, read: sql_ledger!(pool.clone()) };
+    let (read, clear): (Arc<ReadLedger>, Arc<ClearLedger>) = (sql_ledger!(pool.clone()), sql_clear!(pool.clone()));
+    let backend = Backend { events: Arc::new(events), store: store.clone(), dedup: store, read, clear, kind: "sqlite" };
     let write_bad = async move {
         let id = Uuid::now_v7();
         sqlx::query(
@@ -932,8 +1003,9 @@ async fn an_unreadable_event_is_parked_and_the_rest_flows_on_postgres() {
     let events = support::pg::fresh_store().await;
     let store = Arc::new(annal::projections::PgProjectionStore::new(&events).await.unwrap());
     let pool = events.pool().clone();
+    let (read, clear): (Arc<ReadLedger>, Arc<ClearLedger>) = (sql_ledger!(pool.clone()), sql_clear!(pool.clone()));
     let backend =
-        Backend { events: Arc::new(events), store: store.clone(), dedup: store, read: sql_ledger!(pool.clone()) };
+        Backend { events: Arc::new(events), store: store.clone(), dedup: store, read, clear, kind: "postgres" };
     let write_bad = async move {
         let id = Uuid::now_v7();
         // JSON nested deeper than any decoder reads.

@@ -197,6 +197,27 @@ impl<S: ProjectionStore> ProjectionStore for Timed<S> {
         self.inner.reset(projection).await
     }
 
+    async fn control(&self, projection: &str) -> annal_projections::Result<annal_projections::Control> {
+        self.inner.control(projection).await
+    }
+
+    async fn pause(&self, projection: &str, pause: &annal_projections::Pause) -> annal_projections::Result<()> {
+        self.inner.pause(projection, pause).await
+    }
+
+    async fn resume(&self, projection: &str) -> annal_projections::Result<bool> {
+        self.inner.resume(projection).await
+    }
+
+    async fn move_checkpoints(
+        &self,
+        projection: &str,
+        partitions: u32,
+        to: annal_eventstore::Position,
+    ) -> annal_projections::Result<()> {
+        self.inner.move_checkpoints(projection, partitions, to).await
+    }
+
     async fn claim_partitions(&self, projection: &str, partitions: u32) -> annal_projections::Result<()> {
         self.inner.claim_partitions(projection, partitions).await
     }

@@ -96,6 +96,21 @@ pub enum Error {
         /// Why it is not running.
         reason: String,
     },
+    /// A wait for a position cannot end while the projection is paused (`annal-runner pause`,
+    /// or a rebuild or reset that took it over).
+    #[error(
+        "projection {projection} is paused by {by} ({reason}), so it will not reach position {position} until it is resumed"
+    )]
+    Paused {
+        /// The projection waited for.
+        projection: String,
+        /// The position waited for.
+        position: Position,
+        /// Who paused it.
+        by: String,
+        /// Why.
+        reason: String,
+    },
     /// The projection passed the position waited for, but parked events on the way: its read
     /// model lacks them (see the dead letters).
     #[error("projection {projection} reached position {position} but parked {} event(s) on the way, the first at {}: its read model lacks them",

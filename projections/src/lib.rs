@@ -51,7 +51,7 @@ pub use crate::runner::{Lag, PartitionLag, ProjectionRunner, RunningProjections,
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use crate::sqlite::SqliteProjectionStore;
 pub use crate::store::{
-    Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore, batch_timeouts,
+    Applied, Checkpoint, Control, DeadLetter, DedupStore, Fence, Lease, Park, Pause, ProjectionStore, batch_timeouts,
 };
 pub use crate::worker::{Latency, Progress, WorkerOptions};
 pub use annal_eventstore::partition_of;

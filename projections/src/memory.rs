@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::projection::Tx;
-use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
+use crate::store::{Applied, Checkpoint, Control, DeadLetter, DedupStore, Fence, Lease, Park, Pause, ProjectionStore};
 use crate::{Projection, Result};
 
 /// Checkpoints and dead letters in memory. Without transactions, [`ProjectionStore::apply`]
@@ -29,6 +29,7 @@ struct State {
     runners: HashMap<(String, String), DateTime<Utc>>,
     dedup: HashMap<(String, uuid::Uuid), DateTime<Utc>>,
     partition_counts: HashMap<String, u32>,
+    controls: HashMap<String, Control>,
 }
 
 impl MemoryProjectionStore {
@@ -43,12 +44,23 @@ impl MemoryProjectionStore {
 }
 
 impl State {
+    fn bump_epoch(&mut self, projection: &str) {
+        self.controls.entry(projection.to_owned()).or_default().epoch += 1;
+    }
+
+    /// Whether `fence` holds the partition's lease, or there is no fence.
     fn holds(&self, projection: &str, partition: u32, fence: Option<&Fence>) -> bool {
         fence.is_none_or(|fence| {
             self.leases
                 .get(&(projection.to_owned(), partition))
                 .is_some_and(|l| l.owner == fence.owner && l.token == fence.token)
         })
+    }
+
+    /// Whether the projection is not paused for a runner other than `fence`'s (as the SQL
+    /// stores' `ADVANCE` checks).
+    fn unpaused_for(&self, projection: &str, fence: Option<&Fence>) -> bool {
+        fence.is_none_or(|fence| self.controls.get(projection).is_none_or(|c| c.runnable_by(&fence.owner)))
     }
 
     fn advance(
@@ -93,7 +105,9 @@ impl ProjectionStore for MemoryProjectionStore {
         last_recorded_at: Option<DateTime<Utc>>,
         fence: Option<&Fence>,
     ) -> Result<bool> {
-        Ok(self.state().advance(projection, partition, from, to, last_recorded_at, fence))
+        let mut state = self.state();
+        Ok(state.unpaused_for(projection, fence)
+            && state.advance(projection, partition, from, to, last_recorded_at, fence))
     }
 
     async fn apply(
@@ -106,7 +120,13 @@ impl ProjectionStore for MemoryProjectionStore {
         fence: Option<&Fence>,
     ) -> Result<Applied> {
         let current = self.checkpoint(projection.name(), partition).await?.map_or(Position::START, |c| c.position);
-        if current != from || !self.state().holds(projection.name(), partition, fence) {
+        // The pause is checked before the handler only: its effects here cannot be rolled back,
+        // so once they are made the checkpoint must follow (the lease still fences it).
+        let allowed = {
+            let state = self.state();
+            state.holds(projection.name(), partition, fence) && state.unpaused_for(projection.name(), fence)
+        };
+        if current != from || !allowed {
             return Ok(Applied::Moved);
         }
         if let Err(error) = crate::projection::run_handler(projection, events, &mut Tx::none()).await {
@@ -129,7 +149,9 @@ impl ProjectionStore for MemoryProjectionStore {
         fence: Option<&Fence>,
     ) -> Result<bool> {
         let mut state = self.state();
-        if !state.advance(projection, partition, from, park.event.position, None, fence) {
+        if !state.unpaused_for(projection, fence)
+            || !state.advance(projection, partition, from, park.event.position, None, fence)
+        {
             return Ok(false);
         }
         state.next_id += 1;
@@ -189,6 +211,9 @@ impl ProjectionStore for MemoryProjectionStore {
         ttl: Duration,
     ) -> Result<Option<Fence>> {
         let mut state = self.state();
+        if !state.controls.get(projection).is_none_or(|c| c.runnable_by(owner)) {
+            return Ok(None);
+        }
         let now = Utc::now();
         let key = (projection.to_owned(), partition);
         let token = match state.leases.get(&key) {
@@ -265,6 +290,40 @@ impl ProjectionStore for MemoryProjectionStore {
         state.partition_counts.remove(projection);
         state.checkpoints.retain(|(name, _), _| name != projection);
         state.dead_letters.retain(|d| d.projection != projection);
+        state.bump_epoch(projection);
+        Ok(())
+    }
+
+    async fn control(&self, projection: &str) -> Result<Control> {
+        Ok(self.state().controls.get(projection).cloned().unwrap_or_default())
+    }
+
+    async fn pause(&self, projection: &str, pause: &Pause) -> Result<()> {
+        self.state().controls.entry(projection.to_owned()).or_default().paused = Some(pause.clone());
+        Ok(())
+    }
+
+    async fn resume(&self, projection: &str) -> Result<bool> {
+        Ok(self.state().controls.get_mut(projection).and_then(|c| c.paused.take()).is_some())
+    }
+
+    async fn move_checkpoints(&self, projection: &str, partitions: u32, to: Position) -> Result<()> {
+        let mut state = self.state();
+        for partition in 0..partitions.max(1) {
+            let key = (projection.to_owned(), partition);
+            let previous = state.checkpoints.get(&key).cloned();
+            state.checkpoints.insert(
+                key,
+                Checkpoint {
+                    position: to,
+                    updated_at: Utc::now(),
+                    last_recorded_at: previous.as_ref().and_then(|c| c.last_recorded_at),
+                    latency_p99: previous.and_then(|c| c.latency_p99),
+                },
+            );
+        }
+        state.dead_letters.retain(|d| d.projection != projection || d.position <= to);
+        state.bump_epoch(projection);
         Ok(())
     }
 
@@ -289,6 +348,7 @@ impl ProjectionStore for MemoryProjectionStore {
             live.clone_into(&mut dead.projection);
         }
         state.leases.retain(|(name, _), _| name != shadow);
+        state.bump_epoch(live);
         Ok(())
     }
 }

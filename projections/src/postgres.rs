@@ -13,7 +13,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use crate::projection::Tx;
 use crate::queries;
 use crate::sql_store::sql_projection_store;
-use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
+use crate::store::{Applied, Checkpoint, Control, DeadLetter, DedupStore, Fence, Lease, Park, Pause, ProjectionStore};
 use crate::{Error, Projection, Result};
 
 /// Checkpoints and dead letters in PostgreSQL, beside a [`PgEventStore`]'s events.
@@ -73,10 +73,12 @@ sql_projection_store! {
         ttl: Duration,
     ) -> Result<Option<Fence>> {
         // The database's clock decides expiry, so runners on machines whose clocks disagree
-        // still agree on who holds what.
+        // still agree on who holds what. A projection paused for another runner gives no lease.
         let token: Option<i64> = sqlx::query_scalar(
             "INSERT INTO annal_leases (projection, partition, owner, token, expires_at) \
-             VALUES ($1, $2, $3, 1, clock_timestamp() + $4 * interval '1 millisecond') \
+             SELECT $1, $2, $3, 1, clock_timestamp() + $4 * interval '1 millisecond' \
+             WHERE NOT EXISTS (SELECT 1 FROM annal_projection_control c \
+                               WHERE c.projection = $1 AND c.paused_by IS NOT NULL AND c.paused_by <> $3) \
              ON CONFLICT (projection, partition) DO UPDATE \
                  SET owner = excluded.owner, token = annal_leases.token + 1, expires_at = excluded.expires_at \
                  WHERE annal_leases.expires_at < clock_timestamp() OR annal_leases.owner = excluded.owner \

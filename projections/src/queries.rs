@@ -3,20 +3,27 @@
 //! on PostgreSQL, microseconds since the epoch on SQLite.
 
 /// Moves a checkpoint that exists and is at `from` ($5, $6) to `to` ($3, $4), if the writer
-/// still holds the partition's lease (owner $9, token $10), or writes without one ($9 null).
+/// still holds the partition's lease (owner $9, token $10) and the projection is not paused for
+/// another runner, or writes without a lease ($9 null). The pause is part of the fence: a
+/// holder whose lease ran out unnoticed (a slow lease round) cannot commit once the projection
+/// is paused, even before its coordinator sees the pause.
 pub(crate) const ADVANCE: &str = "UPDATE annal_checkpoints SET position_tx = $3, position_seq = $4, updated_at = $7, \
      last_recorded_at = coalesce($8, last_recorded_at) \
      WHERE projection = $1 AND partition = $2 AND position_tx = $5 AND position_seq = $6 \
      AND (EXISTS (SELECT 1 FROM annal_leases l WHERE l.projection = $1 AND l.partition = $2 \
-                  AND l.owner = $9 AND l.token = $10) OR $9 IS NULL)";
+                  AND l.owner = $9 AND l.token = $10) OR $9 IS NULL) \
+     AND NOT EXISTS (SELECT 1 FROM annal_projection_control c WHERE c.projection = $1 \
+                     AND c.paused_by IS NOT NULL AND c.paused_by <> $9)";
 
 /// Creates a checkpoint at `to` if none exists (a projection's first move, from the start),
-/// fenced like [`ADVANCE`] by owner $7 and token $8.
+/// fenced like [`ADVANCE`] by owner $7 and token $8 and the pause.
 pub(crate) const CREATE: &str = "INSERT INTO annal_checkpoints \
      (projection, partition, position_tx, position_seq, updated_at, last_recorded_at) \
      SELECT $1, $2, $3, $4, $5, $6 \
      WHERE (EXISTS (SELECT 1 FROM annal_leases l WHERE l.projection = $1 AND l.partition = $2 \
                     AND l.owner = $7 AND l.token = $8) OR $7 IS NULL) \
+     AND NOT EXISTS (SELECT 1 FROM annal_projection_control c WHERE c.projection = $1 \
+                     AND c.paused_by IS NOT NULL AND c.paused_by <> $7) \
      ON CONFLICT (projection, partition) DO NOTHING";
 
 pub(crate) const LATENCY: &str =
@@ -64,3 +71,27 @@ pub(crate) const RESET_PARTITION_COUNT: &str = "DELETE FROM annal_partition_coun
 /// Gives projection $1's partition count to projection $2 (whose own is deleted first).
 pub(crate) const PROMOTE_PARTITION_COUNT: &str =
     "UPDATE annal_partition_counts SET projection = $2 WHERE projection = $1";
+
+pub(crate) const CONTROL: &str =
+    "SELECT paused_by, paused_reason, paused_at, epoch FROM annal_projection_control WHERE projection = $1";
+
+/// Pauses projection $1 for runner $2, with reason $3 at time $4 (replacing an earlier pause).
+pub(crate) const PAUSE: &str = "INSERT INTO annal_projection_control (projection, paused_by, paused_reason, paused_at) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT (projection) DO UPDATE \
+     SET paused_by = excluded.paused_by, paused_reason = excluded.paused_reason, paused_at = excluded.paused_at";
+
+pub(crate) const RESUME: &str = "UPDATE annal_projection_control \
+     SET paused_by = NULL, paused_reason = NULL, paused_at = NULL WHERE projection = $1 AND paused_by IS NOT NULL";
+
+pub(crate) const BUMP_EPOCH: &str = "INSERT INTO annal_projection_control (projection, epoch) VALUES ($1, 1) \
+     ON CONFLICT (projection) DO UPDATE SET epoch = annal_projection_control.epoch + 1";
+
+/// Puts the checkpoint of projection $1, partition $2 at ($3, $4), at time $5.
+pub(crate) const PUT_CHECKPOINT: &str = "INSERT INTO annal_checkpoints \
+     (projection, partition, position_tx, position_seq, updated_at) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (projection, partition) DO UPDATE \
+     SET position_tx = excluded.position_tx, position_seq = excluded.position_seq, updated_at = excluded.updated_at";
+
+/// Removes projection $1's dead letters after position ($2, $3).
+pub(crate) const REMOVE_DEAD_LETTERS_AFTER: &str = "DELETE FROM annal_dead_letters WHERE projection = $1 \
+     AND (position_tx > $2 OR (position_tx = $2 AND position_seq > $3))";

@@ -152,6 +152,8 @@ struct Coordinator {
 
 struct Held {
     fence: Fence,
+    /// The projection's epoch when the worker started: a reset or move since makes it stale.
+    epoch: u64,
     cancel: CancellationToken,
     task: JoinHandle<Result<()>>,
 }
@@ -161,7 +163,7 @@ impl Coordinator {
         self.projection.name()
     }
 
-    fn spawn(&self, partition: u32, fence: Fence, parent: &CancellationToken) -> Held {
+    fn spawn(&self, partition: u32, fence: Fence, epoch: u64, parent: &CancellationToken) -> Held {
         let cancel = parent.child_token();
         let (events, store, projection, progress) =
             (self.events.clone(), self.store.clone(), self.projection.clone(), self.progress.clone());
@@ -188,7 +190,7 @@ impl Coordinator {
             span,
         ));
         tracing::info!(projection = self.name(), partition, token = fence.token, owner = %self.owner, "took partition");
-        Held { fence, cancel, task }
+        Held { fence, epoch, cancel, task }
     }
 
     async fn stop(&self, partition: u32, held: Held, release: bool) -> Result<()> {
@@ -201,12 +203,45 @@ impl Coordinator {
         result
     }
 
-    /// One round: say we are alive, keep what we hold, give up what is more than our share,
-    /// take free partitions up to it. Returns a partition's error if one stopped.
-    async fn round(&self, held: &mut HashMap<u32, Held>, cancel: &CancellationToken) -> Result<()> {
+    /// One round: read the control record, say we are alive, keep what we hold, give up what is
+    /// more than our share, take free partitions up to it. Returns a partition's error if one
+    /// stopped. A projection paused for another runner is given up whole; a worker whose
+    /// checkpoint was reset or moved since it started (the epoch grew) is restarted from the
+    /// stored checkpoint, even if it was waiting for new events.
+    async fn round(&self, held: &mut HashMap<u32, Held>, paused: &mut bool, cancel: &CancellationToken) -> Result<()> {
+        let control = self.store.control(self.name()).await?;
+        if !control.runnable_by(&self.owner) {
+            let mut first = Ok(());
+            for (partition, h) in held.drain() {
+                let stopped = self.stop(partition, h, true).await;
+                if first.is_ok() {
+                    first = stopped;
+                }
+            }
+            if !*paused {
+                *paused = true;
+                let pause = control.paused.as_ref();
+                tracing::info!(
+                    projection = self.name(),
+                    by = pause.map(|p| p.by.as_str()),
+                    reason = pause.map(|p| p.reason.as_str()),
+                    "projection paused: released its partitions"
+                );
+                self.store.deregister_runner(self.name(), &self.owner).await?;
+            }
+            return first;
+        }
+        if std::mem::take(paused) {
+            tracing::info!(projection = self.name(), "projection resumed");
+        }
         let partitions = self.projection.partitions().max(1);
         let runners = self.store.register_runner(self.name(), &self.owner, self.lease).await?.max(1);
-        let share = usize::try_from(partitions).unwrap_or(usize::MAX).div_ceil(runners);
+        // Paused for this runner (a rebuild that took the projection over): every partition.
+        let share = if control.paused.is_some() {
+            usize::try_from(partitions).unwrap_or(usize::MAX)
+        } else {
+            usize::try_from(partitions).unwrap_or(usize::MAX).div_ceil(runners)
+        };
         // Renewals come first in the round: nothing they wait for may hold them up.
         // Partitions whose worker ended (stopped on an event), or whose lease was taken.
         let mut ended = Vec::new();
@@ -223,6 +258,20 @@ impl Coordinator {
                     result?;
                 }
                 tracing::warn!(projection = self.name(), partition, "lost the lease of a partition");
+            }
+        }
+        let stale: Vec<u32> = held.iter().filter(|(_, h)| h.epoch != control.epoch).map(|(&p, _)| p).collect();
+        for partition in stale {
+            if let Some(h) = held.remove(&partition) {
+                let fence = h.fence.clone();
+                self.stop(partition, h, false).await?;
+                tracing::info!(
+                    projection = self.name(),
+                    partition,
+                    epoch = control.epoch,
+                    "the checkpoint was reset or moved: restarting the partition from it"
+                );
+                held.insert(partition, self.spawn(partition, fence, control.epoch, cancel));
             }
         }
         while held.len() > share {
@@ -243,7 +292,7 @@ impl Coordinator {
                 continue;
             }
             if let Some(fence) = self.store.acquire_lease(self.name(), partition, &self.owner, self.lease).await? {
-                held.insert(partition, self.spawn(partition, fence, cancel));
+                held.insert(partition, self.spawn(partition, fence, control.epoch, cancel));
             }
         }
         // Report the latency measured here, for `annal-runner status` in other processes. It
@@ -268,6 +317,7 @@ impl Coordinator {
     async fn run(self, cancel: CancellationToken, crash: CancellationToken) -> Result<()> {
         let mut held: HashMap<u32, Held> = HashMap::new();
         let mut claimed = false;
+        let mut paused = false;
         let mut result = Ok(());
         while !cancel.is_cancelled() {
             if !claimed {
@@ -290,7 +340,7 @@ impl Coordinator {
                 }
                 return Ok(());
             }
-            let round = if claimed { self.round(&mut held, &cancel).await } else { Ok(()) };
+            let round = if claimed { self.round(&mut held, &mut paused, &cancel).await } else { Ok(()) };
             match round {
                 Ok(()) => {}
                 Err(error @ Error::Stopped { .. }) => {
@@ -436,14 +486,15 @@ impl RunningProjections {
     /// writes), or `timeout`.
     ///
     /// It is honest about what it waited for: it fails at once, naming the projection, when the
-    /// projection stopped in this process, or when a partition it does not run here has no live
+    /// projection stopped in this process, when it is paused ([`Error::Paused`]; unless paused
+    /// for this very runner, as a rebuild's is), or when a partition it does not run here has no live
     /// lease anywhere (no runner is working on it); and when the projection got there but
     /// parked events on the way (the event at `position` itself, or any it passed during the
     /// wait), it says so with [`Error::Parked`] instead of `Ok`: the read model lacks them.
     ///
     /// # Errors
     /// [`Error::UnknownProjection`], [`Error::Timeout`], [`Error::NotRunning`],
-    /// [`Error::Parked`], store errors.
+    /// [`Error::Paused`], [`Error::Parked`], store errors.
     pub async fn wait_for(&self, name: &str, position: Position, timeout: Duration) -> Result<()> {
         let running = self.get(name)?;
         let mut moved = running.progress.subscribe();
@@ -470,6 +521,14 @@ impl RunningProjections {
             }
             if running.task.is_finished() {
                 return Err(not_running("it stopped in this process (see its error in the log)".into()));
+            }
+            if let Some(pause) = self.store.control(name).await?.paused.filter(|p| p.by != self.owner) {
+                return Err(Error::Paused {
+                    projection: name.to_owned(),
+                    position,
+                    by: pause.by,
+                    reason: pause.reason,
+                });
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {

@@ -271,6 +271,62 @@ macro_rules! sql_projection_store {
                 sqlx::query($sql(queries::RESET_PARTITION_COUNT)).bind(projection).execute(&mut *tx).await?;
                 sqlx::query($sql(queries::RESET_CHECKPOINTS)).bind(projection).execute(&mut *tx).await?;
                 sqlx::query($sql(queries::RESET_DEAD_LETTERS)).bind(projection).execute(&mut *tx).await?;
+                sqlx::query($sql(queries::BUMP_EPOCH)).bind(projection).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn control(&self, projection: &str) -> Result<Control> {
+                let row = sqlx::query($sql(queries::CONTROL)).bind(projection).fetch_optional(&self.pool).await?;
+                let Some(row) = row else { return Ok(Control::default()) };
+                let by: Option<String> = row.try_get(0)?;
+                let paused = match by {
+                    Some(by) => Some(Pause {
+                        by,
+                        reason: row.try_get::<Option<String>, _>(1)?.unwrap_or_default(),
+                        at: row.try_get::<Option<$time>, _>(2)?.map($from_time).unwrap_or_default(),
+                    }),
+                    None => None,
+                };
+                Ok(Control { paused, epoch: to_u64(row.try_get(3)?) })
+            }
+
+            async fn pause(&self, projection: &str, pause: &Pause) -> Result<()> {
+                sqlx::query($sql(queries::PAUSE))
+                    .bind(projection)
+                    .bind(pause.by.as_str())
+                    .bind(pause.reason.as_str())
+                    .bind($to_time(pause.at))
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn resume(&self, projection: &str) -> Result<bool> {
+                let resumed = sqlx::query($sql(queries::RESUME)).bind(projection).execute(&self.pool).await?;
+                Ok(resumed.rows_affected() == 1)
+            }
+
+            async fn move_checkpoints(&self, projection: &str, partitions: u32, to: Position) -> Result<()> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let now = $to_time(Utc::now());
+                for partition in 0..partitions.max(1) {
+                    sqlx::query($sql(queries::PUT_CHECKPOINT))
+                        .bind(projection)
+                        .bind($int::try_from(partition).unwrap_or($int::MAX))
+                        .bind(to_i64(to.transaction()))
+                        .bind(to_i64(to.sequence()))
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query($sql(queries::REMOVE_DEAD_LETTERS_AFTER))
+                    .bind(projection)
+                    .bind(to_i64(to.transaction()))
+                    .bind(to_i64(to.sequence()))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query($sql(queries::BUMP_EPOCH)).bind(projection).execute(&mut *tx).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -287,6 +343,7 @@ macro_rules! sql_projection_store {
                 sqlx::query($sql(queries::RESET_DEAD_LETTERS)).bind(live).execute(&mut *tx).await?;
                 sqlx::query($sql(queries::PROMOTE_DEAD_LETTERS)).bind(shadow).bind(live).execute(&mut *tx).await?;
                 sqlx::query($sql(queries::RESET_LEASES)).bind(shadow).execute(&mut *tx).await?;
+                sqlx::query($sql(queries::BUMP_EPOCH)).bind(live).execute(&mut *tx).await?;
                 tx.commit().await?;
                 Ok(())
             }

@@ -13,7 +13,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 use crate::projection::Tx;
 use crate::queries;
 use crate::sql_store::sql_projection_store;
-use crate::store::{Applied, Checkpoint, DeadLetter, DedupStore, Fence, Lease, Park, ProjectionStore};
+use crate::store::{Applied, Checkpoint, Control, DeadLetter, DedupStore, Fence, Lease, Park, Pause, ProjectionStore};
 use crate::{Projection, Result};
 
 /// Checkpoints and dead letters in SQLite, beside a [`SqliteEventStore`]'s events, written
@@ -62,9 +62,12 @@ sql_projection_store! {
         owner: &str,
         ttl: Duration,
     ) -> Result<Option<Fence>> {
+        // A projection paused for another runner gives no lease.
         let now = Utc::now().timestamp_micros();
         let token: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO annal_leases (projection, partition, owner, token, expires_at) VALUES (?1, ?2, ?3, 1, ?4 + ?5) \
+            "INSERT INTO annal_leases (projection, partition, owner, token, expires_at) SELECT ?1, ?2, ?3, 1, ?4 + ?5 \
+             WHERE NOT EXISTS (SELECT 1 FROM annal_projection_control c \
+                               WHERE c.projection = ?1 AND c.paused_by IS NOT NULL AND c.paused_by <> ?3) \
              ON CONFLICT (projection, partition) DO UPDATE \
                  SET owner = excluded.owner, token = annal_leases.token + 1, expires_at = excluded.expires_at \
                  WHERE annal_leases.expires_at < ?4 OR annal_leases.owner = excluded.owner \

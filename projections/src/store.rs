@@ -49,6 +49,45 @@ pub struct DeadLetter {
     pub parked_at: DateTime<Utc>,
 }
 
+/// A projection's control record: whether it is paused, and its epoch.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Control {
+    /// Set while the projection is paused: no runner but [`Pause::by`] holds its partitions.
+    pub paused: Option<Pause>,
+    /// Grows with every reset, rebuild and checkpoint move of the projection, so a worker
+    /// learns its checkpoint was changed under it even when no new event arrives.
+    pub epoch: u64,
+}
+
+impl Control {
+    /// Whether runner `owner` may hold the projection's partitions: it is not paused, or
+    /// paused by `owner` itself (a rebuild that took it over).
+    pub fn runnable_by(&self, owner: &str) -> bool {
+        self.paused.as_ref().is_none_or(|pause| pause.by == owner)
+    }
+}
+
+/// Who paused a projection, why and when.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Pause {
+    /// The only runner that may hold the projection's partitions while it is paused: the
+    /// owner name of a rebuild or reset that took it over, or an operator's name (no runner).
+    pub by: String,
+    /// Why, for `status` and the console.
+    pub reason: String,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+impl Pause {
+    /// A pause by `by` for `reason`, now.
+    pub fn new(by: impl Into<String>, reason: impl Into<String>) -> Self {
+        Pause { by: by.into(), reason: reason.into(), at: Utc::now() }
+    }
+}
+
 /// A runner's hold on a partition, carried by every checkpoint write: a writer whose lease
 /// was taken over writes nothing (fencing).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -208,8 +247,24 @@ pub trait ProjectionStore: Send + Sync {
     async fn claim_partitions(&self, projection: &str, partitions: u32) -> Result<()>;
 
     /// Forgets a projection's checkpoints and dead letters, so it starts again from the
-    /// beginning (a rebuild; reset the read model in the same breath).
+    /// beginning (a rebuild; reset the read model in the same breath), and bumps its epoch.
     async fn reset(&self, projection: &str) -> Result<()>;
+
+    /// The control record of `projection`: not paused, epoch 0 if none was ever written.
+    async fn control(&self, projection: &str) -> Result<Control>;
+
+    /// Pauses `projection` (replacing any earlier pause): from the next lease round on, every
+    /// runner but `pause.by` releases its partitions and takes none, and no lease of it can
+    /// be acquired by anyone else.
+    async fn pause(&self, projection: &str, pause: &Pause) -> Result<()>;
+
+    /// Ends a pause; returns `false` if `projection` was not paused.
+    async fn resume(&self, projection: &str) -> Result<bool>;
+
+    /// Puts every one of the `partitions` checkpoints of `projection` at `to` and removes its
+    /// dead letters after `to` (the replay meets their events again), in one transaction, and
+    /// bumps its epoch. The caller decides whether the move is safe (`annal-runner reset`).
+    async fn move_checkpoints(&self, projection: &str, partitions: u32, to: Position) -> Result<()>;
 
     /// Ends a rebuild into shadow tables, in one transaction: runs `statements` (which put the
     /// shadow read model in place of the live one), then gives projection `shadow`'s

@@ -79,14 +79,49 @@ pub enum Command {
     },
     /// Replay a projection from the first event, with progress. A SQL projection that lists
     /// its `tables` is rebuilt into shadow tables while the live read model keeps serving, then
-    /// swapped in; others (or with `--in-place`) are emptied and replayed in place. An
-    /// interrupted shadow rebuild resumes where it stopped.
+    /// swapped in; others (or with `--in-place`) are emptied and replayed in place, taking the
+    /// projection over from the runners (paused meanwhile, resumed after; one that was paused
+    /// stays paused). An interrupted shadow rebuild resumes where it stopped; an interrupted
+    /// in-place one leaves the projection paused.
     Rebuild {
         /// The projection.
         name: String,
         /// Empty the live read model and replay into it, even if shadow tables are possible.
         #[arg(long)]
         in_place: bool,
+    },
+    /// Pause a projection: every runner lets go of its partitions on its next lease round
+    /// (within a lease period) and takes none until `resume`. Waits until none holds one.
+    Pause {
+        /// The projection.
+        name: String,
+        /// Why, shown by `status` and the console.
+        #[arg(long, default_value = "paused by an operator")]
+        reason: String,
+    },
+    /// Resume a paused projection: runners take its partitions on their next lease round.
+    Resume {
+        /// The projection.
+        name: String,
+    },
+    /// Move every partition's checkpoint of a projection to a position or a time, taking it
+    /// over from the runners meanwhile. Forward skips events (their count is printed; dead
+    /// letters in the range stay). Backward replays events already applied, so it is refused
+    /// unless --allow-replay (every handler must then be idempotent); dead letters after the
+    /// new position are removed, as the replay meets their events again.
+    Reset {
+        /// The projection.
+        name: String,
+        /// The position, `transaction/sequence` as `status` prints it.
+        #[arg(long, value_name = "POSITION", required_unless_present = "to_time", conflicts_with = "to_time")]
+        to: Option<annal_eventstore::Position>,
+        /// Just before the first event recorded at or after this RFC 3339 time.
+        #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+        to_time: Option<chrono::DateTime<chrono::Utc>>,
+        /// Allow moving a checkpoint back (replaying events whose effects are in the read
+        /// model): only for idempotent handlers.
+        #[arg(long)]
+        allow_replay: bool,
     },
     /// List, retry or skip parked events.
     DeadLetters {
@@ -140,4 +175,11 @@ pub enum DeadLetterAction {
         /// The dead letter's id.
         id: i64,
     },
+}
+
+/// An RFC 3339 time, such as `2026-12-02T07:00:00Z`.
+fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{e}: expected an RFC 3339 time such as 2026-12-02T07:00:00Z"))
 }

@@ -1,7 +1,7 @@
 //! The web console at `/`: one server-rendered page with a little JavaScript (no assets from
 //! the network) over a small JSON API. Reading needs nothing; actions (retry, skip) need the
 //! configured `console_token` as `Authorization: Bearer TOKEN`, and are refused when none is
-//! configured.
+//! configured. Actions: retry and skip a dead letter, pause and resume a projection.
 
 use std::sync::Arc;
 
@@ -25,6 +25,8 @@ pub(crate) fn routes() -> Router<Arc<Observed>> {
         .route("/api/dead-letters/{projection}/{id}", get(show))
         .route("/api/dead-letters/{projection}/{id}/retry", post(retry))
         .route("/api/dead-letters/{projection}/{id}/skip", post(skip))
+        .route("/api/projections/{projection}/pause", post(pause))
+        .route("/api/projections/{projection}/resume", post(resume))
         .route("/api/streams", get(streams))
         .route("/api/streams/{stream}", get(read))
 }
@@ -101,6 +103,31 @@ async fn skip(State(observed): Shared, headers: HeaderMap, Path((projection, id)
     match annal_projections::skip_dead_letter(&*observed.store, &projection, id).await {
         Ok(()) => Json(json!({ "skipped": id })).into_response(),
         Err(e) => error(StatusCode::NOT_FOUND, e),
+    }
+}
+
+async fn pause(State(observed): Shared, headers: HeaderMap, Path(projection): Path<String>) -> Response {
+    if let Some(refusal) = refused(&observed, &headers) {
+        return refusal;
+    }
+    if !observed.projections.iter().any(|(name, _, _)| *name == projection) {
+        return error(StatusCode::NOT_FOUND, format!("no projection named {projection:?}"));
+    }
+    let pause = annal_projections::Pause::new("the console", "paused from the console");
+    match observed.store.pause(&projection, &pause).await {
+        Ok(()) => Json(json!({ "paused": projection })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+}
+
+async fn resume(State(observed): Shared, headers: HeaderMap, Path(projection): Path<String>) -> Response {
+    if let Some(refusal) = refused(&observed, &headers) {
+        return refusal;
+    }
+    match observed.store.resume(&projection).await {
+        Ok(true) => Json(json!({ "resumed": projection })).into_response(),
+        Ok(false) => error(StatusCode::CONFLICT, format!("{projection} is not paused")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 

@@ -84,9 +84,45 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
                 }
                 _ => {
                     let projections = sql.into_iter().map(|p| Arc::new(p) as _).chain(extra).collect::<Vec<_>>();
-                    crate::rebuild::rebuild_in_place(&database, store, &config, find(&projections, &name)?).await?;
+                    let projection = find(&projections, &name)?;
+                    let reset = match configured {
+                        Some(p) if p.reset.is_empty() => {
+                            return Err(Error::Config(format!(
+                                "projection {name} has no `reset` statements: an in-place rebuild would forget its \
+                                 checkpoints but keep its rows, and every replayed event would meet its old row. Add \
+                                 `reset = [\"DELETE FROM ...\"]` to its configuration, or rebuild it in shadow tables \
+                                 (list its `tables` and leave out --in-place)"
+                            )));
+                        }
+                        Some(p) => p.reset.clone(),
+                        None => {
+                            tracing::warn!(projection = %name, "a Rust projection has no reset statements the runner \
+                                knows of: its read model is not emptied, so its handler must take a replay");
+                            Vec::new()
+                        }
+                    };
+                    crate::rebuild::rebuild_in_place(&database, store, &config, projection, &reset).await?;
                 }
             }
+        }
+        Command::Pause { name, reason } => {
+            find_name(&config, &extra, &name)?;
+            crate::control::pause(&*store, &name, &reason, lease(&config)).await?
+        }
+        Command::Resume { name } => {
+            find_name(&config, &extra, &name)?;
+            crate::control::resume(&*store, &name).await?
+        }
+        Command::Reset { name, to, to_time, allow_replay } => {
+            let projections = sql.into_iter().map(|p| Arc::new(p) as _).chain(extra).collect::<Vec<_>>();
+            let projection = find(&projections, &name)?;
+            let target = match (to, to_time) {
+                (Some(position), _) => crate::control::Target::Position(position),
+                (None, Some(time)) => crate::control::Target::Time(time),
+                (None, None) => return Err(Error::Config("give --to POSITION or --to-time RFC3339".into())),
+            };
+            crate::control::reset_to(database.events(), &*store, &*projection, target, allow_replay, lease(&config))
+                .await?
         }
         Command::DeadLetters { action } => {
             crate::dead_letters::dead_letters(
@@ -99,6 +135,17 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// The configured lease period.
+pub(crate) fn lease(config: &Config) -> Duration {
+    Duration::from_secs_f64(config.lease_seconds)
+}
+
+/// Refuses a name that is neither a configured nor a built-in projection.
+fn find_name(config: &Config, extra: &[Arc<dyn Projection>], name: &str) -> Result<()> {
+    let known = config.projections.iter().any(|p| p.name == name) || extra.iter().any(|p| p.name() == name);
+    if known { Ok(()) } else { Err(Error::UnknownProjection(name.to_owned())) }
 }
 
 /// This runner's name in leases: host name, pid and a random suffix (in containers every pid

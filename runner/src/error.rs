@@ -103,6 +103,21 @@ pub enum Error {
     /// The metrics recorder could not be installed.
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
+    /// A rebuild or reset that took a projection over failed part way: the projection is left
+    /// paused, so that no runner applies events on top of a half-done change.
+    #[error(
+        "{why}. {projection} is left paused: fix the cause and run the command again, or `annal-runner resume \
+         {projection}` to let the runners carry on from its checkpoints as they are"
+    )]
+    Takeover {
+        /// The projection.
+        projection: String,
+        /// What failed.
+        why: String,
+    },
+    /// The command was interrupted (SIGINT or SIGTERM).
+    #[error("interrupted")]
+    Interrupted,
     /// Running the projections failed.
     #[error(transparent)]
     Projections(#[from] annal_projections::Error),

@@ -32,6 +32,7 @@ mod browse;
 mod compile;
 mod config;
 mod console;
+mod control;
 mod database;
 mod dead_letters;
 mod dispatch;

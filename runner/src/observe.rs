@@ -47,7 +47,23 @@ pub(crate) struct ProjectionState {
     /// False once the projection stopped in this process (a failing event under `on_failure = "stop"`).
     pub(crate) running: bool,
     pub(crate) dead_letters: u64,
+    /// Set while the projection is paused (by an operator, or taken over by a rebuild or reset).
+    pub(crate) paused: Option<Paused>,
     pub(crate) partitions: Vec<PartitionState>,
+}
+
+/// A pause, as `status`, the console and `/health/ready` show it.
+#[derive(Debug, Serialize)]
+pub(crate) struct Paused {
+    pub(crate) by: String,
+    pub(crate) reason: String,
+    pub(crate) since: String,
+}
+
+impl Paused {
+    pub(crate) fn of(control: annal_projections::Control) -> Option<Paused> {
+        control.paused.map(|p| Paused { by: p.by, reason: p.reason, since: p.at.to_rfc3339() })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -82,6 +98,7 @@ impl Observed {
             let running = self.running.is_running(name).unwrap_or(false);
             let dead = self.store.dead_letters(name).await.unwrap_or_default();
             let leases = self.store.leases(name).await.unwrap_or_default();
+            let paused = self.store.control(name).await.ok().and_then(Paused::of);
             let mut partitions = Vec::new();
             for partition in 0..*count {
                 let checkpoint = match self.store.checkpoint(name, partition).await {
@@ -123,6 +140,7 @@ impl Observed {
                 name: name.clone(),
                 running,
                 dead_letters: dead.len() as u64,
+                paused,
                 partitions,
             });
         }
@@ -168,7 +186,8 @@ pub(crate) fn not_ready(snapshot: &Snapshot, health: &HealthConfig) -> Vec<NotRe
             reasons.push(NotReady::DeadLetters { projection: p.name.clone(), dead_letters: p.dead_letters, max });
         }
         for part in &p.partitions {
-            if p.running && part.owner.is_none() {
+            // Paused is not stopped: an operator (or a rebuild) chose it, and `status` shows it.
+            if p.running && part.owner.is_none() && p.paused.is_none() {
                 reasons.push(NotReady::Stopped { projection: p.name.clone(), partition: Some(part.partition) });
             }
             if let (Some(max), Some(behind)) = (health.max_events_behind, part.events_behind)

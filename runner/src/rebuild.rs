@@ -7,25 +7,49 @@ use std::time::Duration;
 use annal_projections::{Projection, ProjectionRunner, ProjectionStore};
 
 use crate::config::{Config, SqlProjectionConfig};
+use crate::control::Takeover;
 use crate::database::Database;
-use crate::{Result, SqlProjection, options_for};
+use crate::{Error, Result, SqlProjection, options_for};
 
 /// How often a rebuild logs its progress when standard error is not a terminal.
 const PROGRESS_EVERY: Duration = Duration::from_secs(3);
 
-/// Empties the read model (the `reset` statements) and the checkpoints, then replays.
+/// Takes the projection over (paused for this process, no other runner holding it), empties
+/// the read model (the `reset` statements) and the checkpoints, replays with this process's
+/// configuration until the head as it was at the start, then resumes it (or puts back an
+/// operator's pause). A failure or an interrupt leaves it paused, and says so.
 pub(crate) async fn rebuild_in_place(
     database: &Database,
     store: Arc<dyn ProjectionStore>,
     config: &Config,
     projection: Arc<dyn Projection>,
+    reset: &[String],
 ) -> Result<()> {
+    let stop = crate::serve::shutdown_signal();
     let name = projection.name().to_owned();
-    let reset = config.projections.iter().find(|p| p.name == name).map(|p| p.reset.clone()).unwrap_or_default();
-    database.execute(&reset, true).await?;
-    store.reset(&name).await?;
-    let total = replay(database, store, config, projection, &name).await?;
-    out!("rebuilt {name} in place: {total} events replayed");
+    let owner = crate::dispatch::owner_name();
+    let lease = crate::dispatch::lease(config);
+    let takeover = Takeover::start(&*store, &name, &owner, "rebuild --in-place", lease).await?;
+    let work = async {
+        let reset_at = chrono::Utc::now();
+        let started = std::time::Instant::now();
+        database.execute(reset, true).await?;
+        store.reset(&name).await?;
+        let total = replay(database, store.clone(), config, projection, &name, Some(takeover.owner())).await?;
+        Ok::<_, Error>((total, reset_at, started.elapsed()))
+    };
+    let (total, reset_at, took) = tokio::select! {
+        done = work => done.map_err(|e| takeover.failed(e.report()))?,
+        () = stop => return Err(takeover.failed(Error::Interrupted.report())),
+    };
+    let resumed = takeover.finish(&*store).await?;
+    out!(
+        "rebuilt {name} in place: {total} events replayed in {:.3} s (reset at {}, caught up at {}){}",
+        took.as_secs_f64(),
+        reset_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        if resumed { "" } else { "; it stays paused, as it was before" }
+    );
     Ok(())
 }
 
@@ -48,7 +72,7 @@ pub(crate) async fn rebuild_in_shadow(
     }
     let projection = SqlProjection::new(shadow)?;
     database.check(&shadow.setup, std::slice::from_ref(&projection), true).await?;
-    let total = replay(database, store.clone(), config, Arc::new(projection), &live.name).await?;
+    let total = replay(database, store.clone(), config, Arc::new(projection), &live.name, None).await?;
     store.promote(&shadow.name, &live.name, &live.promotion(database.is_postgres())).await?;
     out!("rebuilt {} in shadow tables and swapped them in: {total} events replayed", live.name);
     Ok(())
@@ -66,20 +90,26 @@ pub(crate) async fn has_checkpoints(store: &dyn ProjectionStore, name: &str, par
 
 /// Runs `projection` alone until it reaches the head as it was when the replay started,
 /// showing progress; returns how many events that was. `options_of` names the configured
-/// projection whose retry settings apply.
+/// projection whose retry settings apply; `owner`, the name to run it under (that of a
+/// takeover's pause).
 async fn replay(
     database: &Database,
     store: Arc<dyn ProjectionStore>,
     config: &Config,
     projection: Arc<dyn Projection>,
     options_of: &str,
+    owner: Option<&str>,
 ) -> Result<u64> {
     let name = projection.name().to_owned();
     let filter = projection.filter();
     let events = database.events();
     let head = events.head().await?;
     let total = events.count(annal_eventstore::Position::START, head, &filter).await?;
-    let running = ProjectionRunner::new(events.clone(), store)
+    let mut runner = ProjectionRunner::new(events.clone(), store);
+    if let Some(owner) = owner {
+        runner = runner.owner(owner);
+    }
+    let running = runner
         .lease(Duration::from_secs_f64(config.lease_seconds))
         .with(projection, options_for(config, options_of))?
         .start();

@@ -40,14 +40,17 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// Readiness: 200 `{"status":"ready"}`, or 503 with every reason found.
+/// Readiness: 200 `{"status":"ready"}`, or 503 with every reason found; both list the paused
+/// projections (`"paused": [...]`), which are not a reason by themselves.
 async fn ready(State(observed): State<Arc<Observed>>) -> Response {
     let snapshot = observed.snapshot().await;
     let reasons = not_ready(&snapshot, &observed.health);
+    let paused: Vec<&str> =
+        snapshot.projections.iter().filter(|p| p.paused.is_some()).map(|p| p.name.as_str()).collect();
     if reasons.is_empty() {
-        (StatusCode::OK, Json(serde_json::json!({ "status": "ready" }))).into_response()
+        (StatusCode::OK, Json(serde_json::json!({ "status": "ready", "paused": paused }))).into_response()
     } else {
-        let body = serde_json::json!({ "status": "not_ready", "reasons": reasons });
+        let body = serde_json::json!({ "status": "not_ready", "reasons": reasons, "paused": paused });
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }

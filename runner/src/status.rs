@@ -17,8 +17,11 @@ use crate::{Error, Result, SqlProjection};
 pub(crate) struct Row {
     projection: String,
     partition: u32,
-    /// `running` while some runner holds its lease, else `stopped`.
+    /// `paused` while the projection is paused (even while a rebuild that took it over holds
+    /// the lease), else `running` while some runner holds its lease, else `stopped`.
     state: &'static str,
+    /// Who paused the projection, why and since when.
+    paused: Option<crate::observe::Paused>,
     checkpoint: String,
     head: String,
     events_behind: u64,
@@ -97,7 +100,11 @@ fn print(rows: &[Row], json: bool) -> Result<()> {
         "p99 ms",
         "dead"
     );
+    let mut pauses = Vec::new();
     for r in rows {
+        if let Some(p) = r.paused.as_ref().filter(|_| r.partition == 0) {
+            pauses.push(format!("{} is paused by {} since {}: {}", r.projection, p.by, p.since, p.reason));
+        }
         let p99 = r.p99_ms.map_or("-".to_owned(), |ms| format!("{ms:.1}"));
         let lease = r.lease.as_ref().map_or("-".to_owned(), |l| {
             format!("{} ({}, token {})", l.owner, if l.held { "held" } else { "expired" }, l.token)
@@ -114,6 +121,9 @@ fn print(rows: &[Row], json: bool) -> Result<()> {
             p99,
             r.dead_letters
         );
+    }
+    for pause in pauses {
+        out!("{pause}");
     }
     Ok(())
 }
@@ -155,6 +165,7 @@ pub(crate) async fn rows(
     for (name, filter, partitions) in targets {
         let dead = store.dead_letters(&name).await?;
         let leases = store.leases(&name).await?;
+        let control = store.control(&name).await?;
         for partition in 0..partitions {
             let checkpoint = store.checkpoint(&name, partition).await?;
             let position = checkpoint.as_ref().map_or(annal_eventstore::Position::START, |c| c.position);
@@ -165,8 +176,16 @@ pub(crate) async fn rows(
                 held: l.expires_at > chrono::Utc::now(),
                 token: l.token,
             });
+            let held = lease.as_ref().is_some_and(|l| l.held);
             rows.push(Row {
-                state: if lease.as_ref().is_some_and(|l| l.held) { "running" } else { "stopped" },
+                state: if control.paused.is_some() {
+                    "paused"
+                } else if held {
+                    "running"
+                } else {
+                    "stopped"
+                },
+                paused: crate::observe::Paused::of(control.clone()),
                 projection: name.clone(),
                 partition,
                 checkpoint: position.to_string(),

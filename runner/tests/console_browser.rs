@@ -1,6 +1,7 @@
 //! The console end to end in headless Chromium, driven over chromedriver's WebDriver protocol
 //! (a few JSON requests, so no driver crate): the page loads, the lag chart follows appends, a
-//! retry without the token is refused, and a retry with it reaches the read model.
+//! retry without the token is refused, and a retry with it reaches the read model; a pause
+//! without the token is refused, with it the runner lets go, and a resume catches up.
 //! `scripts/test` and `.ci/run` install Debian's `chromium` and `chromium-driver` when missing.
 #![cfg(feature = "sqlite")]
 
@@ -195,5 +196,37 @@ async fn the_console_in_chromium() {
     assert_eq!(done, true);
     let sum: i64 = sqlx::query_scalar("SELECT sum(amount) FROM ledger").fetch_one(store.writer()).await.unwrap();
     assert_eq!(sum, -4);
+
+    // Pause through the page: refused without the token, done with it; the runner lets go of
+    // the partition, events wait, and resume brings them in.
+    let pause = "document.querySelector('.control[data-projection=ledger] .pause').click()";
+    browser.run(&format!("document.getElementById('token').value = ''; {pause}"));
+    let refused = browser.until("a refused pause", "return document.getElementById('result').className === 'bad' && document.getElementById('result').textContent").await;
+    assert!(refused.as_str().unwrap().contains("refused (401)"), "{refused}");
+    assert_eq!(browser.run("return document.querySelector('.control[data-projection=ledger]').dataset.paused"), "no");
+    browser.run(&format!("document.getElementById('token').value = 'letmein'; {pause}"));
+    browser
+        .until("paused", "return document.querySelector('.control[data-projection=ledger]').dataset.paused === 'yes'")
+        .await;
+    let leases =
+        "SELECT count(*) FROM annal_leases WHERE projection = 'ledger' AND expires_at > unixepoch('subsec') * 1000000";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sqlx::query_scalar::<_, i64>(leases).fetch_one(store.writer()).await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "the runner kept the paused projection's lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    deposit(&store, "account-2", &[10]).await;
+    browser
+        .until("the paused row", "return document.querySelector('#projections tbody').textContent.includes('paused')")
+        .await;
+    browser.run("document.querySelector('.control[data-projection=ledger] .resume').click()");
+    browser
+        .until("resumed", "return document.querySelector('.control[data-projection=ledger]').dataset.paused === 'no'")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sqlx::query_scalar::<_, i64>("SELECT sum(amount) FROM ledger").fetch_one(store.writer()).await.unwrap() != 6 {
+        assert!(Instant::now() < deadline, "the resumed projection never applied the new event");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _ = http(&browser.driver, "DELETE", &format!("/session/{}", browser.session), None);
 }
