@@ -23,7 +23,7 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use annal::projections::{Projection, ProjectionRunner, RunningProjections, Tx, WorkerOptions};
@@ -124,23 +124,52 @@ struct Load {
     report_every: Duration,
 }
 
-async fn drive<S: Store>(
+/// A driver's phone reporting its location: a random walk near its home point, appended to its
+/// stream and handed to its dispatch listener. Separate from the listener, so that waiting for a
+/// write never delays an offer.
+async fn report<S: Store>(
     store: S,
     driver: usize,
     home: Point,
-    from: Position,
     every: Duration,
-    mut stop: watch::Receiver<Option<Position>>,
-) -> anyhow::Result<DriverReport> {
+    location: watch::Sender<Point>,
+    stop: watch::Receiver<Option<Position>>,
+) -> anyhow::Result<()> {
     let mut rng = Rng::new(driver as u64 + 1);
     let stream = StreamName::from_parts("driver", driver)?;
     let mut version = None;
+    // Reports start at different times, as real drivers' would.
+    let first = tokio::time::Instant::now() + every.mul_f64(rng.uniform(0.0, 1.0));
+    let mut ticks = tokio::time::interval_at(first, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut at = home;
+    while stop.borrow().is_none() {
+        ticks.tick().await;
+        let step = |x: f64, home: f64, rng: &mut Rng| {
+            (x + rng.uniform(-0.1, 0.1) * SPACING).clamp(home - WANDER, home + WANDER)
+        };
+        at = Point { lat: step(at.lat, home.lat, &mut rng), lon: step(at.lon, home.lon, &mut rng) };
+        let event = DispatchEvent::DriverMoved { at }.to_new_event()?;
+        let expected = version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+        version = Some(store.append(&stream, expected, vec![event]).await?.version);
+        location.send_replace(at);
+    }
+    Ok(())
+}
+
+/// A driver's dispatch listener: follows the log with a box around the driver, and when the
+/// driver has moved away from the box's centre, resubscribes around its new location.
+async fn listen<S: Store>(
+    store: S,
+    driver: usize,
+    from: Position,
+    mut location: watch::Receiver<Point>,
+    mut stop: watch::Receiver<Option<Position>>,
+) -> anyhow::Result<DriverReport> {
     let options = SubscriptionOptions::default();
-    let (mut at, mut centre, mut after) = (home, home, from);
+    let (mut centre, mut after) = (*location.borrow_and_update(), from);
     let mut follower = Follower::new(&store, from, near(centre), options.clone());
     let mut report = DriverReport { driver, boxes: Vec::new(), offered: Vec::new() };
-    // Reports start at different times, as real drivers' would.
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every.mul_f64(rng.uniform(0.0, 1.0)), every);
     loop {
         if stop.borrow().is_some_and(|last| follower.position() >= last) {
             report.boxes.push((after, follower.position(), centre));
@@ -156,14 +185,8 @@ async fn drive<S: Store>(
                     report.offered.push((event.position, ride, now));
                 }
             }
-            _ = ticks.tick(), if stop.borrow().is_none() => {
-                let step = |x: f64, home: f64, rng: &mut Rng| {
-                    (x + rng.uniform(-0.1, 0.1) * SPACING).clamp(home - WANDER, home + WANDER)
-                };
-                at = Point { lat: step(at.lat, home.lat, &mut rng), lon: step(at.lon, home.lon, &mut rng) };
-                let event = DispatchEvent::DriverMoved { at }.to_new_event()?;
-                let expected = version.map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
-                version = Some(store.append(&stream, expected, vec![event]).await?.version);
+            Ok(()) = location.changed() => {
+                let at = *location.borrow_and_update();
                 if (at.lat - centre.lat).abs().max((at.lon - centre.lon).abs()) > RESUBSCRIBE {
                     // A new box from where the follower stands: the old box covered the log
                     // up to here, the new one covers it from here on.
@@ -192,14 +215,16 @@ async fn measured<S: Store>(store: &S, db: &Db, projections: &RunningProjections
         .collect();
     let start = store.head().await?;
     let (stop_tx, stop) = watch::channel(None);
-    let mut fleet = JoinSet::new();
+    let (mut phones, mut fleet) = (JoinSet::new(), JoinSet::new());
     for (driver, home) in homes.iter().enumerate() {
-        fleet.spawn(drive(store.clone(), driver, *home, start, load.report_every, stop.clone()));
+        let (location, located) = watch::channel(*home);
+        phones.spawn(report(store.clone(), driver, *home, load.report_every, location, stop.clone()));
+        fleet.spawn(listen(store.clone(), driver, start, located, stop.clone()));
     }
 
     // Riders, in the interior of the city so that every pickup has a full box of drivers around it.
     let mut rng = Rng::new(7);
-    let committed = Arc::new(Mutex::new(HashMap::new()));
+    let mut committed = HashMap::new();
     let mut pickups = BTreeMap::new();
     let mut last = start;
     let pace = Duration::from_secs_f64(1.0 / load.requests_per_second);
@@ -214,11 +239,14 @@ async fn measured<S: Store>(store: &S, db: &Db, projections: &RunningProjections
         let event = DispatchEvent::RideRequested { ride, pickup }.to_new_event()?;
         let written =
             store.append(&StreamName::from_parts("ride", ride)?, ExpectedVersion::NoStream, vec![event]).await?;
-        committed.lock().unwrap().insert(ride, Instant::now());
+        committed.insert(ride, Instant::now());
         pickups.insert(written.position(), (ride, pickup));
         last = last.max(written.position());
     }
     stop_tx.send(Some(last))?;
+    while let Some(reported) = phones.join_next().await {
+        reported??;
+    }
     let mut reports = Vec::new();
     while let Some(report) = fleet.join_next().await {
         reports.push(report??);
@@ -264,7 +292,6 @@ async fn measured<S: Store>(store: &S, db: &Db, projections: &RunningProjections
     println!("each request reached {fewest} to {most} nearby drivers of {drivers}, no others");
     anyhow::ensure!(fewest >= 15 && most <= 35, "a request reached {fewest} to {most} drivers, not 15 to 35");
 
-    let committed = committed.lock().unwrap();
     let latencies: Vec<Duration> =
         last_notified.iter().map(|(ride, at)| at.saturating_duration_since(committed[ride])).collect();
     println!("commit to the last nearby driver's notification: {}", support::distribution(latencies));

@@ -71,7 +71,6 @@ impl Filter {
     ///
     /// ```
     /// use annal_eventstore::{Filter, Predicate};
-    /// use serde_json::json;
     ///
     /// let big = Filter::event_types(["OrderPlaced"]).with_data(Predicate::ge(["total"], 100.0));
     /// assert_eq!(big.data(), Some(&Predicate::ge(["total"], 100.0)));
