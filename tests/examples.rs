@@ -184,6 +184,21 @@ fn check_live_subscription(output: &str) {
     has_samples(output, "append-to-delivery latency:");
 }
 
+fn check_dispatch(output: &str) {
+    let exact = line(output, "every driver was offered exactly the requests inside its box:");
+    let [drivers, resubscribed] = numbers(exact)[..] else { panic!("{exact}") };
+    assert!(drivers >= 300 && resubscribed > 0, "{exact}");
+    let reach = line(output, "each request reached");
+    let [fewest, most, of] = numbers(reach)[..] else { panic!("{reach}") };
+    assert!(15 <= fewest && most <= 35 && of == drivers, "{reach}");
+    has_samples(output, "commit to the last nearby driver's notification:");
+    line(output, "published: nearby drivers notified within 2-3 s of the request");
+    let airport = line(output, "airport pickups in the read model:");
+    let [counted, requested] = numbers(airport)[..] else { panic!("{airport}") };
+    assert!(counted == requested && counted > 0, "{airport}");
+    line(output, "airport_pickups: 0 events behind");
+}
+
 #[test]
 fn collab_converges_on_sqlite() {
     check_collab(&run("collab", None));
@@ -197,6 +212,11 @@ fn chat_delivers_reads_and_catches_up_on_sqlite() {
 #[test]
 fn bank_keeps_its_rules_and_prints_its_figures_on_sqlite() {
     check_bank(&run("bank", None));
+}
+
+#[test]
+fn dispatch_offers_each_request_to_exactly_the_drivers_near_it_on_sqlite() {
+    check_dispatch(&run("dispatch", None));
 }
 
 #[test]
@@ -226,6 +246,11 @@ mod postgres {
     #[test]
     fn bank_keeps_its_rules_and_prints_its_figures_on_postgres() {
         check_bank(&run("bank", Some(&url())));
+    }
+
+    #[test]
+    fn dispatch_offers_each_request_to_exactly_the_drivers_near_it_on_postgres() {
+        check_dispatch(&run("dispatch", Some(&url())));
     }
 
     #[test]

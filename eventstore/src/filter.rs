@@ -1,6 +1,6 @@
 //! Selecting events from the global log.
 
-use crate::{RecordedEvent, StreamName};
+use crate::{Predicate, RecordedEvent, StreamName};
 
 /// Which events a global read or a subscription wants: a selective consumer.
 ///
@@ -9,7 +9,8 @@ use crate::{RecordedEvent, StreamName};
 ///
 /// An event matches when its stream's category is one of `categories` (or that list is empty),
 /// its type is one of `event_types` (or that list is empty) and, for a filter narrowed with
-/// [`Filter::with_partition`], its stream is in that partition. [`Filter::all`] matches
+/// [`Filter::with_partition`], its stream is in that partition and, for a filter narrowed with
+/// [`Filter::with_data`], its data satisfies that [`Predicate`]. [`Filter::all`] matches
 /// everything.
 ///
 /// ```
@@ -18,11 +19,12 @@ use crate::{RecordedEvent, StreamName};
 /// let filter = Filter::categories(["account"]).with_event_types(["Deposited", "Withdrawn"]);
 /// assert!(!filter.is_all());
 /// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Filter {
     categories: Vec<String>,
     event_types: Vec<String>,
     partition: Option<(u32, u32)>,
+    data: Option<Predicate>,
 }
 
 impl Filter {
@@ -63,6 +65,26 @@ impl Filter {
         self
     }
 
+    /// Narrows the filter to events whose data satisfies `predicate` (replacing an earlier one):
+    /// a selective consumer by content, evaluated in the database on PostgreSQL and SQLite
+    /// ([`Predicate`] has the rules and where each backend evaluates them).
+    ///
+    /// ```
+    /// use annal_eventstore::{Filter, Predicate};
+    ///
+    /// let big = Filter::event_types(["OrderPlaced"]).with_data(Predicate::ge(["total"], 100.0));
+    /// assert_eq!(big.data(), Some(&Predicate::ge(["total"], 100.0)));
+    /// ```
+    pub fn with_data(mut self, predicate: Predicate) -> Self {
+        self.data = Some(predicate);
+        self
+    }
+
+    /// The condition on the data (`None`: any data).
+    pub fn data(&self) -> Option<&Predicate> {
+        self.data.as_ref()
+    }
+
     /// The partition selected, `(index, count)` (`None`: every stream).
     pub fn partition(&self) -> Option<(u32, u32)> {
         self.partition
@@ -80,7 +102,7 @@ impl Filter {
 
     /// `true` when the filter selects every event.
     pub fn is_all(&self) -> bool {
-        self.categories.is_empty() && self.event_types.is_empty() && self.partition.is_none()
+        self.categories.is_empty() && self.event_types.is_empty() && self.partition.is_none() && self.data.is_none()
     }
 
     /// Whether `event` is selected.
@@ -89,6 +111,7 @@ impl Filter {
         (self.categories.is_empty() || self.categories.iter().any(|c| c == category))
             && (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
             && self.partition.is_none_or(|(index, count)| partition_of(&event.stream, count) == index)
+            && self.data.as_ref().is_none_or(|predicate| predicate.matches(&event.data))
     }
 }
 

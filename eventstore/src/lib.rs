@@ -46,6 +46,7 @@ mod filter;
 mod follower;
 mod memory;
 mod position;
+mod predicate;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::private::*;
@@ -86,6 +87,8 @@ pub use crate::follower::Follower;
 pub use crate::memory::MemoryEventStore;
 #[doc(inline)]
 pub use crate::position::{ParsePositionError, Position};
+#[doc(inline)]
+pub use crate::predicate::{Comparison, Predicate, Scalar};
 #[doc(inline)]
 pub use crate::store::{DEFAULT_PAGE_SIZE, Direction, EventStore, Page, ReadStream};
 #[doc(inline)]

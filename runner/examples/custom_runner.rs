@@ -1,8 +1,9 @@
 //! Your own runner binary: Rust projections beside the configured SQL ones, with the same
-//! command line as `annal-runner` (run, status, rebuild, dead-letters, migrate, check).
+//! command line as `annal-runner` (run, status, rebuild, dead-letters, migrate, check). Its
+//! configuration, `custom_runner.toml` beside it, puts the database in the working directory.
 //!
 //! ```text
-//! cargo run -p annal-runner --example custom_runner -- --config annal.toml run
+//! cargo run -p annal-runner --example custom_runner -- --config runner/examples/custom_runner.toml run
 //! ```
 
 use std::sync::Arc;

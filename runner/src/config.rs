@@ -84,6 +84,35 @@ pub(crate) const MAX_RETRY_ATTEMPTS: u32 = 1000;
 /// The largest `retry_initial_ms` (one hour).
 pub(crate) const MAX_RETRY_INITIAL_MS: u64 = 3_600_000;
 
+/// Reads `handlers`, refusing a nested table with the hint TOML users need: an unquoted dotted
+/// key (`shop.OrderPlaced = "..."`) is a table `shop` holding `OrderPlaced`, not an event type.
+fn handlers<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, toml::Value>::deserialize(deserializer)?;
+    raw.into_iter()
+        .map(|(event_type, value)| match value {
+            toml::Value::String(sql) => Ok((event_type, sql)),
+            toml::Value::Table(table) => {
+                let dotted = dotted_key(&event_type, &table);
+                Err(serde::de::Error::custom(format!(
+                    "handler {dotted} is read as nested tables because its key has dots: quote the event type, as in \"{dotted}\" = \"...\""
+                )))
+            }
+            other => Err(serde::de::Error::custom(format!(
+                "handler {event_type:?} must be an SQL statement in a string, not {other}"
+            ))),
+        })
+        .collect()
+}
+
+/// The dotted key TOML split into nested tables, back in one piece (`shop.OrderPlaced`).
+fn dotted_key(first: &str, table: &toml::Table) -> String {
+    match table.iter().next() {
+        Some((key, toml::Value::Table(inner))) => dotted_key(&format!("{first}.{key}"), inner),
+        Some((key, _)) => format!("{first}.{key}"),
+        None => first.to_owned(),
+    }
+}
+
 fn default_listen() -> String {
     "127.0.0.1:9187".into()
 }
@@ -130,7 +159,9 @@ pub struct SqlProjectionConfig {
     /// place.
     #[serde(default)]
     pub tables: Vec<String>,
-    /// Event type → statement, with named parameters such as `:stream_id` and `:data`.
+    /// Event type → statement, with named parameters such as `:stream_id` and `:data`. An event
+    /// type with dots (`shop.OrderPlaced`) needs a quoted key, or TOML reads it as nested tables.
+    #[serde(deserialize_with = "handlers")]
     pub handlers: BTreeMap<String, String>,
 }
 
@@ -314,11 +345,25 @@ mod tests {
             (ok.replace("name = 'a'", "name = 'a'\nretry_initial_ms = 99999999999"), "retry_initial_ms must be"),
             (ok.replace("name = 'a'", "name = 'a'\non_failure = 'explode'"), "unknown variant"),
             (ok.replace("name = 'a'", "name = 'a'\nbatch_size = -1"), "batch_size"),
+            (ok.replace("E = ", "shop.OrderPlaced = "), "quote the event type, as in \"shop.OrderPlaced\" = \"...\""),
+            (ok.replace("E = ", "a.b.C = "), "as in \"a.b.C\" = "),
+            (
+                ok.replace("handlers = { E = 'SELECT :data' }", "[projection.handlers]\nshop.OrderPlaced = 'SELECT 1'"),
+                "handler shop.OrderPlaced is read as nested tables",
+            ),
+            (ok.replace("'SELECT :data'", "3"), "must be an SQL statement in a string, not 3"),
         ];
         for (text, expected) in cases {
             let err = Config::parse(&text).unwrap_err().report();
             assert!(err.contains(expected), "{expected}: {err}");
         }
+    }
+
+    #[test]
+    fn quoted_dotted_event_types_are_handlers() {
+        let text = "database = 'sqlite://x.db'\n[[projection]]\nname = 'a'\n[projection.handlers]\n\"shop.OrderPlaced\" = 'SELECT 1'\n";
+        let config = Config::parse(text).unwrap();
+        assert_eq!(config.projections[0].handlers.keys().collect::<Vec<_>>(), ["shop.OrderPlaced"]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! `examples/custom_runner.rs` as an operator uses it: its Rust projection runs beside the
-//! configured ones with the `annal-runner` command line, shows in `status`, stops cleanly on
-//! SIGTERM and rebuilds.
+//! `examples/custom_runner.rs` with the configuration shipped beside it, as the docs run it: its
+//! Rust projection runs beside the configured SQL one with the `annal-runner` command line,
+//! shows in `status`, stops cleanly on SIGTERM and rebuilds.
 #![cfg(feature = "sqlite")]
 
 use std::path::{Path, PathBuf};
@@ -34,18 +34,19 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn custom_runner(config: &Path, args: &[&str]) -> Output {
-    Command::new(example()).arg("--config").arg(config).args(args).output().unwrap()
+/// The configuration the repository ships beside the example, which the docs' command uses.
+fn shipped_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join("custom_runner.toml")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_custom_runner_example_runs_reports_and_rebuilds_its_rust_projection() {
+    // The shipped file, as the docs run it; its database is relative to the working directory,
+    // so the example runs in a fresh one (and serves HTTP on a free port, not the default).
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("events.db");
-    let config = dir.path().join("annal.toml");
+    let config = shipped_config();
+    let db = dir.path().join("custom_runner.db");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    std::fs::write(&config, format!("database = \"sqlite://{}\"\nlisten = \"127.0.0.1:{port}\"\n", db.display()))
-        .unwrap();
     let store = SqliteEventStore::open(&db).await.unwrap();
     for i in 0..3 {
         let stream = StreamName::from_parts("account", i).unwrap();
@@ -53,13 +54,17 @@ async fn the_custom_runner_example_runs_reports_and_rebuilds_its_rust_projection
         let deposited = NewEvent::new("Deposited", json!({ "amount": 10 }));
         store.append(&stream, ExpectedVersion::NoStream, vec![opened, deposited]).await.unwrap();
     }
+    let custom_runner = |args: &[&str]| -> Output {
+        Command::new(example()).current_dir(dir.path()).arg("--config").arg(&config).args(args).output().unwrap()
+    };
 
     let log = dir.path().join("run.log");
     let mut child = KillOnDrop(
         Command::new(example())
+            .current_dir(dir.path())
             .arg("--config")
             .arg(&config)
-            .arg("run")
+            .args(["run", "--listen", &format!("127.0.0.1:{port}")])
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
@@ -67,16 +72,20 @@ async fn the_custom_runner_example_runs_reports_and_rebuilds_its_rust_projection
     // The runner is another process: its progress can only be polled, through `status`.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let status = custom_runner(&config, &["status"]);
+        let status = custom_runner(&["status"]);
         assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
         let table = String::from_utf8_lossy(&status.stdout).to_string();
-        let row: Vec<&str> =
-            table.lines().find(|l| l.starts_with("welcome_mails")).unwrap_or_default().split_whitespace().collect();
-        if row.len() > 5 && row[2] == "running" && row[5] == "0" {
+        let caught_up = |name: &str| {
+            let row: Vec<&str> =
+                table.lines().find(|l| l.starts_with(name)).unwrap_or_default().split_whitespace().collect();
+            row.len() > 5 && row[2] == "running" && row[5] == "0"
+        };
+        // The Rust projection and the configured SQL one, side by side.
+        if caught_up("welcome_mails ") && caught_up("accounts ") {
             break;
         }
         if Instant::now() > deadline {
-            panic!("the Rust projection never caught up:\n{table}\n{}", std::fs::read_to_string(&log).unwrap());
+            panic!("the projections never caught up:\n{table}\n{}", std::fs::read_to_string(&log).unwrap());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -84,9 +93,12 @@ async fn the_custom_runner_example_runs_reports_and_rebuilds_its_rust_projection
     assert!(child.0.wait().unwrap().success(), "{}", std::fs::read_to_string(&log).unwrap());
     let mails = std::fs::read_to_string(&log).unwrap().matches("sending a welcome mail").count();
     assert_eq!(mails, 3, "one welcome mail per opened account");
+    let owners: Vec<String> =
+        sqlx::query_scalar("SELECT owner FROM accounts ORDER BY id").fetch_all(store.writer()).await.unwrap();
+    assert_eq!(owners, ["owner 0", "owner 1", "owner 2"]);
 
     // The Rust projection rebuilds in place (it has no tables the runner knows of).
-    let rebuilt = custom_runner(&config, &["rebuild", "welcome_mails"]);
+    let rebuilt = custom_runner(&["rebuild", "welcome_mails"]);
     assert!(rebuilt.status.success(), "{}", String::from_utf8_lossy(&rebuilt.stderr));
     let stdout = String::from_utf8_lossy(&rebuilt.stdout);
     assert!(stdout.contains("rebuilt welcome_mails in place: 3 events replayed"), "{stdout}");

@@ -12,6 +12,12 @@ use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 use uuid::Uuid;
 
+mod content;
+pub(crate) use content::{
+    content_filter_values_are_bound_not_spliced, content_filtered_subscriptions_get_exactly_their_events,
+    content_filters_select_as_in_memory,
+};
+
 /// Generates one `#[tokio::test]` per conformance case for a backend. `$make` is an async
 /// expression giving a fresh, empty store and a guard that keeps its resources alive.
 macro_rules! suite {
@@ -27,7 +33,8 @@ macro_rules! suite {
             what_can_be_stored_reads_back_and_the_rest_is_refused, numbers_read_back_alike,
             positions_past_the_head_read_nothing, a_limit_of_zero_is_an_argument_error,
             forty_concurrent_appenders_in_every_mode, a_retry_racing_a_conflicting_append_ends_one_way,
-            generated_events_round_trip_as_in_memory);
+            generated_events_round_trip_as_in_memory, content_filters_select_as_in_memory,
+            content_filter_values_are_bound_not_spliced, content_filtered_subscriptions_get_exactly_their_events);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
         $(

@@ -1,13 +1,14 @@
 //! The PostgreSQL backend, for production.
 
 mod notify;
+mod predicate;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Connection, Row};
+use sqlx::{Connection, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::append::{Written, resolve_written};
@@ -455,6 +456,20 @@ macro_rules! horizon {
 }
 const HORIZON: &str = horizon!();
 
+/// Appends the filter's selection (categories, event types, partition, data) as ` AND ...`, every
+/// value bound.
+fn push_selection(q: &mut QueryBuilder<Postgres>, filter: &Filter) {
+    for (column, values) in [("category", filter.category_list()), ("event_type", filter.event_type_list())] {
+        if !values.is_empty() {
+            q.push(format_args!(" AND {column} = ANY(")).push_bind(values.to_vec()).push(")");
+        }
+    }
+    if let Some((index, count)) = filter.partition() {
+        q.push(" AND stream_hash % ").push_bind(i64::from(count)).push(" = ").push_bind(i64::from(index));
+    }
+    predicate::push_data(q, filter.data());
+}
+
 #[async_trait]
 impl EventStore for PgEventStore {
     async fn append(
@@ -500,31 +515,12 @@ impl EventStore for PgEventStore {
         // The head read first is below the page's later horizon, so a short page has seen
         // every selected event up to it: the reader may move there.
         let head_before = if filter.is_all() { from } else { self.head().await? };
-        let mut sql = format!(concat!(select_events!(), " WHERE (tx_id, seq) > ($1, $2) AND tx_id < {}"), HORIZON);
-        let mut parameter = 3;
-        for (column, values) in [("category", filter.category_list()), ("event_type", filter.event_type_list())] {
-            if !values.is_empty() {
-                parameter += 1;
-                sql.push_str(&format!(" AND {column} = ANY(${parameter})"));
-            }
-        }
-        if filter.partition().is_some() {
-            sql.push_str(&format!(" AND stream_hash % ${} = ${}", parameter + 1, parameter + 2));
-        }
-        sql.push_str(" ORDER BY tx_id, seq LIMIT $3");
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(to_i64(from.transaction()))
-            .bind(to_i64(from.sequence()))
-            .bind(to_i64(limit as u64));
-        for values in [filter.category_list(), filter.event_type_list()] {
-            if !values.is_empty() {
-                query = query.bind(values);
-            }
-        }
-        if let Some((index, count)) = filter.partition() {
-            query = query.bind(i64::from(count)).bind(i64::from(index));
-        }
-        let rows = query.fetch_all(&self.pool).await?;
+        let mut q = QueryBuilder::<Postgres>::new(concat!(select_events!(), " WHERE (tx_id, seq) > ("));
+        q.push_bind(to_i64(from.transaction())).push(", ").push_bind(to_i64(from.sequence()));
+        q.push(format_args!(") AND tx_id < {HORIZON}"));
+        push_selection(&mut q, filter);
+        q.push(" ORDER BY tx_id, seq LIMIT ").push_bind(to_i64(limit as u64));
+        let rows = q.build().fetch_all(&self.pool).await?;
         let (events, stopped) = decode_rows(&rows, decode)?;
         Ok(Page::after(from, events, limit, head_before, stopped))
     }
@@ -547,22 +543,12 @@ impl EventStore for PgEventStore {
     }
 
     async fn count(&self, after: Position, up_to: Position, filter: &Filter) -> Result<u64> {
-        let count: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM annal_events WHERE (tx_id, seq) > ($1, $2) AND (tx_id, seq) <= ($3, $4) \
-             AND (cardinality($5::text[]) = 0 OR category = ANY($5)) \
-             AND (cardinality($6::text[]) = 0 OR event_type = ANY($6)) \
-             AND ($7::int8 = 0 OR stream_hash % $7 = $8)",
-        )
-        .bind(to_i64(after.transaction()))
-        .bind(to_i64(after.sequence()))
-        .bind(to_i64(up_to.transaction()))
-        .bind(to_i64(up_to.sequence()))
-        .bind(filter.category_list())
-        .bind(filter.event_type_list())
-        .bind(filter.partition().map_or(0, |(_, count)| i64::from(count)))
-        .bind(filter.partition().map_or(0, |(index, _)| i64::from(index)))
-        .fetch_one(&self.pool)
-        .await?;
+        let mut q = QueryBuilder::<Postgres>::new("SELECT count(*) FROM annal_events WHERE (tx_id, seq) > (");
+        q.push_bind(to_i64(after.transaction())).push(", ").push_bind(to_i64(after.sequence()));
+        q.push(") AND (tx_id, seq) <= (").push_bind(to_i64(up_to.transaction())).push(", ");
+        q.push_bind(to_i64(up_to.sequence())).push(")");
+        push_selection(&mut q, filter);
+        let count: i64 = q.build_query_scalar().fetch_one(&self.pool).await?;
         Ok(to_u64(count))
     }
 

@@ -1,5 +1,7 @@
 //! The SQLite backend: embedded, one file, no server.
 
+mod predicate;
+
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -353,6 +355,7 @@ impl EventStore for SqliteEventStore {
         push_in(&mut q, "category", filter.category_list());
         push_in(&mut q, "event_type", filter.event_type_list());
         push_partition(&mut q, filter);
+        predicate::push_data(&mut q, filter.data());
         q.push(" ORDER BY position LIMIT ").push_bind(to_i64(limit as u64));
         let rows = q.build().fetch_all(&self.readers).await?;
         let (events, stopped) = decode_rows(&rows, decode)?;
@@ -379,6 +382,7 @@ impl EventStore for SqliteEventStore {
         push_in(&mut q, "category", filter.category_list());
         push_in(&mut q, "event_type", filter.event_type_list());
         push_partition(&mut q, filter);
+        predicate::push_data(&mut q, filter.data());
         let count: i64 = q.build_query_scalar().fetch_one(&self.readers).await?;
         Ok(to_u64(count))
     }
