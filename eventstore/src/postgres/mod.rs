@@ -203,8 +203,11 @@ impl PgTransaction<'_> {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        let encoded = encode_batch(events, self.store.max_event_size)?;
-        append_on(&mut self.tx, true, stream, expected, &encoded).await
+        crate::metrics::append("postgres", stream, events.len(), async {
+            let encoded = encode_batch(events, self.store.max_event_size)?;
+            append_on(&mut self.tx, true, stream, expected, &encoded).await
+        })
+        .await
     }
 
     /// The connection, for the caller's own statements in this transaction.
@@ -456,11 +459,14 @@ impl EventStore for PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        let encoded = encode_batch(events, self.max_event_size)?;
-        let mut conn = self.pool.acquire().await?;
-        let result = append_on(&mut conn, false, stream, expected, &encoded).await?;
-        self.committed();
-        Ok(result)
+        crate::metrics::append("postgres", stream, events.len(), async {
+            let encoded = encode_batch(events, self.max_event_size)?;
+            let mut conn = self.pool.acquire().await?;
+            let result = append_on(&mut conn, false, stream, expected, &encoded).await?;
+            self.committed();
+            Ok(result)
+        })
+        .await
     }
 
     async fn read_stream_page(

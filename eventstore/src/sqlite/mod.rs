@@ -270,9 +270,8 @@ fn decode(row: &SqliteRow) -> Result<RecordedEvent> {
     .decode()
 }
 
-#[async_trait]
-impl EventStore for SqliteEventStore {
-    async fn append(
+impl SqliteEventStore {
+    async fn write(
         &self,
         stream: &StreamName,
         expected: ExpectedVersion,
@@ -315,6 +314,18 @@ impl EventStore for SqliteEventStore {
         tx.commit().await?;
         self.notifier.notify();
         Ok(AppendResult::new(first + encoded.len() as u64 - 1, positions))
+    }
+}
+
+#[async_trait]
+impl EventStore for SqliteEventStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        crate::metrics::append("sqlite", stream, events.len(), self.write(stream, expected, events)).await
     }
 
     async fn read_stream_page(
