@@ -43,6 +43,8 @@ backends!(
     appends_are_timed_per_backend_and_outcome,
     #[cfg(all(feature = "opentelemetry", feature = "projections"))]
     events_keep_the_appending_span_and_projection_spans_link_to_it,
+    #[cfg(all(feature = "opentelemetry", feature = "projections", feature = "derive"))]
+    commands_append_inside_a_span_that_shows_their_ids,
 );
 
 /// The samples of a Prometheus text exposition whose series name is `name` and whose labels
@@ -98,6 +100,7 @@ async fn appends_are_timed_per_backend_and_outcome<S: EventStore>(store: S, back
 }
 
 #[cfg(all(feature = "opentelemetry", feature = "projections"))]
+#[allow(dead_code)]
 mod spans {
     use std::sync::OnceLock;
 
@@ -242,4 +245,60 @@ async fn events_keep_the_appending_span_and_projection_spans_link_to_it<S: Event
     assert_eq!(attribute("annal.correlation_id"), Some(correlation.to_string()));
     assert_eq!(attribute("annal.stream").as_deref(), Some("traced-1"));
     running.shutdown().await.unwrap();
+}
+
+#[cfg(all(feature = "opentelemetry", feature = "projections", feature = "derive"))]
+mod counter {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, annal::Event)]
+    pub(super) enum Counted {
+        Added,
+    }
+
+    #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, annal::Aggregate)]
+    #[aggregate(category = "counter", event = Counted, id = u64)]
+    pub(super) struct Counter;
+
+    impl annal::Decide for Counter {
+        type Command = ();
+        type Error = std::convert::Infallible;
+
+        fn handle(&self, (): ()) -> Result<Vec<Counted>, Self::Error> {
+            Ok(vec![Counted::Added])
+        }
+
+        fn apply(&mut self, _: &Counted) {}
+    }
+}
+
+/// A command through the repository: its events keep the context of an `annal.append` span
+/// inside the `annal.command` span, which shows the command's correlation and causation ids and
+/// sits inside the caller's span.
+#[cfg(all(feature = "opentelemetry", feature = "projections", feature = "derive"))]
+async fn commands_append_inside_a_span_that_shows_their_ids<S: EventStore + 'static>(store: S, _backend: &str) {
+    use annal::{Metadata, Repository, TraceParent};
+    use tracing::Instrument;
+
+    spans::exporter();
+    let request = tracing::info_span!("request");
+    let request_id = TraceParent::of(&request).unwrap();
+    let (correlation, causation) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let metadata = Metadata::default().with_correlation_id(correlation).with_causation_id(causation);
+    let repository = Repository::<counter::Counter, _>::new(store);
+    let executed = repository.execute_with(&7, (), metadata).instrument(request).await.unwrap();
+    let event = repository.store().read_event(executed.events[0].id).await.unwrap().unwrap();
+    let kept = event.metadata.traceparent.expect("the command's event keeps a traceparent");
+    assert_eq!(kept.trace_id(), request_id.trace_id());
+    let finished = spans::finished(kept.trace_id());
+    let by_id = |id: u64| finished.iter().find(|s| spans::span_id(s) == id).unwrap_or_else(|| panic!("{finished:#?}"));
+    let append = by_id(kept.span_id());
+    assert_eq!(append.name, "annal.append");
+    let command = by_id(u64::from_be_bytes(append.parent_span_id.to_bytes()));
+    assert_eq!(command.name, "annal.command");
+    assert_eq!(u64::from_be_bytes(command.parent_span_id.to_bytes()), request_id.span_id());
+    let attribute =
+        |key: &str| command.attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.to_string());
+    assert_eq!(attribute("correlation_id"), Some(correlation.to_string()));
+    assert_eq!(attribute("causation_id"), Some(causation.to_string()));
 }
