@@ -4,12 +4,8 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use annal::{EventStore, ExpectedVersion, NewEvent, StreamName};
 use serde_json::json;
-
-const PATIENCE: Duration = Duration::from_secs(30);
 
 fn stream(name: &str) -> StreamName {
     StreamName::new(name).unwrap()
@@ -168,6 +164,7 @@ async fn events_keep_the_appending_span_and_projection_spans_link_to_it<S: Event
     backend: &str,
 ) {
     use std::sync::Arc;
+    use std::time::{Duration, Instant};
 
     use annal::projections::{MemoryProjectionStore, ProjectionRunner, WorkerOptions};
     use annal::{Filter, Metadata, Position, TraceParent};
@@ -175,6 +172,7 @@ async fn events_keep_the_appending_span_and_projection_spans_link_to_it<S: Event
     use opentelemetry::Value;
     use tracing::Instrument;
 
+    const PATIENCE: Duration = Duration::from_secs(30);
     spans::exporter();
     let request = tracing::info_span!("request");
     let request_id = TraceParent::of(&request).expect("the OpenTelemetry layer records the request span");
