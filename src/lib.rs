@@ -11,6 +11,7 @@
 //! | `projections` | yes     | the [`projections`] crate                                |
 //! | `derive`      | yes     | `#[derive(Event)]`, `#[derive(Aggregate)]`               |
 //! | `runner`      |         | the [`runner`] crate: `annal-runner` as a library        |
+//! | `opentelemetry` |       | W3C trace context: appends keep their span's `traceparent`, projection spans link to it |
 //!
 //! With `sqlite` or `postgres`, `sqlx` is re-exported as `annal::sqlx`: write read models and
 //! your own queries with it rather than adding `sqlx` yourself, so the versions always match.

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::error::{Error, Result, truncated};
-use crate::{Position, StreamName};
+use crate::{Position, StreamName, TraceParent};
 
 /// The longest event type name accepted, in bytes.
 pub const MAX_EVENT_TYPE_LEN: usize = 255;
@@ -24,12 +24,13 @@ pub const MAX_JSON_DEPTH: usize = 100;
 pub const MAX_SCHEMA_VERSION: u32 = i32::MAX as u32;
 
 /// Metadata keys kept for the first-class fields; [`Metadata::with`] must not use them.
-pub const RESERVED_METADATA_KEYS: &[&str] = &["correlation_id", "causation_id"];
+pub const RESERVED_METADATA_KEYS: &[&str] = &["correlation_id", "causation_id", "traceparent"];
 
-/// An event's metadata: correlation and causation ids first-class, anything else free-form.
+/// An event's metadata: correlation and causation ids and the trace context first-class,
+/// anything else free-form.
 ///
-/// It is stored as one JSON object: `correlation_id` and `causation_id` (when set) beside the
-/// `extra` fields.
+/// It is stored as one JSON object: `correlation_id`, `causation_id` and `traceparent` (when
+/// set) beside the `extra` fields.
 ///
 /// ```
 /// use annal_eventstore::Metadata;
@@ -50,6 +51,10 @@ pub struct Metadata {
     /// The id of the message (command or event) that directly caused this event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<Uuid>,
+    /// The W3C trace context of the span that appended the event: set by the caller, or by the
+    /// store from its `annal.append` span with the `opentelemetry` feature (see [`TraceParent`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<TraceParent>,
     /// Any other fields.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -68,8 +73,15 @@ impl Metadata {
         self
     }
 
+    /// Sets the trace context, such as one received with a request (a caller-supplied one is
+    /// stored as it is, also with the `opentelemetry` feature).
+    pub fn with_traceparent(mut self, traceparent: TraceParent) -> Self {
+        self.traceparent = Some(traceparent);
+        self
+    }
+
     /// Adds a free-form field. The keys in [`RESERVED_METADATA_KEYS`] belong to the first-class
-    /// ids: an append whose metadata uses them is refused with [`Error::UnsupportedData`].
+    /// fields: an append whose metadata uses them is refused with [`Error::UnsupportedData`].
     pub fn with(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
         self.extra.insert(key.into(), value.into());
         self
@@ -201,9 +213,11 @@ pub(crate) fn encode_batch(events: Vec<NewEvent>, max_event_size: usize) -> Resu
         return Err(Error::EmptyBatch);
     }
     let mut seen = std::collections::HashSet::with_capacity(events.len());
+    let traceparent = crate::trace::ambient();
     events
         .into_iter()
         .map(|mut event| {
+            event.metadata.traceparent = event.metadata.traceparent.or(traceparent);
             validate_event_type(&event.event_type)?;
             if !seen.insert(event.id) {
                 return Err(Error::DuplicateEventInBatch { event_id: event.id });
@@ -214,8 +228,8 @@ pub(crate) fn encode_batch(events: Vec<NewEvent>, max_event_size: usize) -> Resu
             }
             if event.metadata.extra.keys().any(|k| RESERVED_METADATA_KEYS.contains(&k.as_str())) {
                 return Err(unsupported(
-                    "metadata keys correlation_id and causation_id are reserved: set them with \
-                     Metadata::with_correlation_id and Metadata::with_causation_id",
+                    "metadata keys correlation_id, causation_id and traceparent are reserved: set them \
+                     with Metadata::with_correlation_id, with_causation_id and with_traceparent",
                 ));
             }
             let checked = check_json(&mut event.data, 0).and_then(|()| {

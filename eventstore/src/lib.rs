@@ -45,6 +45,7 @@ mod event;
 mod filter;
 mod follower;
 mod memory;
+pub mod metrics;
 mod position;
 mod predicate;
 #[doc(hidden)]
@@ -56,6 +57,7 @@ mod store;
 mod stream;
 mod subscription;
 mod tail;
+mod trace;
 mod version;
 mod wakeup;
 
@@ -95,6 +97,8 @@ pub use crate::store::{DEFAULT_PAGE_SIZE, Direction, EventStore, Page, ReadStrea
 pub use crate::stream::{MAX_STREAM_NAME_LEN, StreamName};
 #[doc(inline)]
 pub use crate::subscription::SubscriptionOptions;
+#[doc(inline)]
+pub use crate::trace::{ParseTraceParentError, TraceParent};
 #[doc(inline)]
 pub use crate::version::{AppendResult, ExpectedVersion};
 #[doc(inline)]

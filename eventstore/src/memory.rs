@@ -78,9 +78,8 @@ fn position_of(index: usize) -> Position {
     Position::new(0, index as u64 + 1)
 }
 
-#[async_trait]
-impl EventStore for MemoryEventStore {
-    async fn append(
+impl MemoryEventStore {
+    fn append_now(
         &self,
         stream: &StreamName,
         expected: ExpectedVersion,
@@ -126,6 +125,19 @@ impl EventStore for MemoryEventStore {
         };
         self.notifier.notify_up_to(result.position());
         Ok(result)
+    }
+}
+
+#[async_trait]
+impl EventStore for MemoryEventStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        crate::metrics::append("memory", stream, events.len(), async { self.append_now(stream, expected, events) })
+            .await
     }
 
     async fn read_stream_page(

@@ -34,6 +34,7 @@ mod sql_store;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod store;
+mod trace;
 mod worker;
 
 pub use crate::dead_letters::{retry_dead_letter, skip_dead_letter};

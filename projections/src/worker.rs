@@ -204,14 +204,8 @@ impl Worker<'_> {
                 // Only events the projection does not select: the checkpoint moves past them.
                 self.advance(checkpoint, page.next).await
             } else {
-                let span = tracing::debug_span!(
-                    "batch",
-                    projection = self.name(),
-                    partition = self.options.partition,
-                    from = %checkpoint,
-                    to = %page.next,
-                    events = page.events.len(),
-                );
+                let span =
+                    crate::trace::batch_span(self.name(), self.options.partition, checkpoint, page.next, &page.events);
                 let (started, len) = (std::time::Instant::now(), page.events.len());
                 let outcome = self.process(checkpoint, page, cancel).instrument(span).await;
                 crate::metrics::batch(self.name(), self.options.partition, self.phase(len), started.elapsed());

@@ -37,7 +37,7 @@ pub(crate) async fn read_stream(
     from: u64,
     limit: usize,
 ) -> Result<Vec<RecordedEvent>> {
-    let stream = StreamName::new(stream).map_err(|e| Error::Config(format!("invalid stream name: {e}")))?;
+    let stream = StreamName::new(stream)?;
     let events = database.events();
     let read = ReadStream::forwards().from_version(from).limit(limit.max(1));
     let mut out = Vec::new();
@@ -52,7 +52,7 @@ pub(crate) async fn read_stream(
 pub(crate) async fn read(database: &Database, stream: &str, from: u64, limit: usize) -> Result<()> {
     let events = read_stream(database, stream, from, limit).await?;
     if events.is_empty() && database.events().stream_version(&StreamName::new(stream)?).await?.is_none() {
-        return Err(Error::Config(format!("no stream named {stream:?}")));
+        return Err(Error::UnknownStream(stream.to_owned()));
     }
     for event in &events {
         out!("{}", event_json(event));

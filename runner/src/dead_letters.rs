@@ -69,7 +69,7 @@ pub(crate) async fn dead_letters(
                 }
             }
             if failed > 0 {
-                return Err(Error::Config(format!("{failed} of {} dead letters are still parked", ids.len())));
+                return Err(Error::StillParked { failed, total: ids.len() });
             }
         }
         DeadLetterAction::Skip { projection, id } => {

@@ -56,6 +56,21 @@ pub enum Error {
     /// No projection with this name is configured or built in.
     #[error("no projection named {0:?}")]
     UnknownProjection(String),
+    /// `read` named a stream that has no events.
+    #[error("no stream named {0:?}")]
+    UnknownStream(String),
+    /// A command-line argument is out of its range (the message names it).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// `dead-letters retry` of several dead letters: some failed again or could not be retried
+    /// (each is reported on standard output); they stay parked.
+    #[error("{failed} of {total} dead letters are still parked")]
+    StillParked {
+        /// How many were not applied.
+        failed: usize,
+        /// How many were retried.
+        total: usize,
+    },
     /// A retried dead letter failed again (it stays parked).
     #[error("dead letter {id} failed again")]
     DeadLetterFailed {

@@ -15,6 +15,8 @@
 //! | `sqlite`   | yes     | `sqlite://` URLs, SQLite built in |
 //! | `postgres` |         | `postgres://` URLs                |
 //!
+//! With the `opentelemetry` feature, [`main_with_tracer`] exports spans too.
+//!
 //! Running it in production: `docs/runner.md`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -69,7 +71,37 @@ pub use crate::sql_projection::SqlProjection;
 /// returns the process exit code.
 pub async fn main_with(extra: Vec<Arc<dyn Projection>>) -> i32 {
     let cli = Cli::parse();
-    init_logs(cli.log);
+    init_logs(cli.log, None);
+    run(cli, extra).await
+}
+
+/// [`main_with`], exporting spans through `tracer` as well as logging: the `batch` spans of the
+/// workers (linked to the spans that appended their events) and the store's `annal.append`
+/// spans, filtered by `RUST_LOG` as the logs are. Build the tracer from the exporter of your
+/// choice (OTLP, for example) and shut its provider down after this returns, so that the last
+/// spans are sent.
+///
+/// ```no_run
+/// # async fn example(tracer: opentelemetry_sdk::trace::Tracer, provider: opentelemetry_sdk::trace::SdkTracerProvider) {
+/// let code = annal_runner::main_with_tracer(vec![], tracer).await;
+/// let _ = provider.shutdown();
+/// std::process::exit(code);
+/// # }
+/// ```
+#[cfg(feature = "opentelemetry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
+pub async fn main_with_tracer<T>(extra: Vec<Arc<dyn Projection>>, tracer: T) -> i32
+where
+    T: opentelemetry::trace::Tracer + Send + Sync + 'static,
+    T::Span: Send + Sync,
+{
+    use tracing_subscriber::Layer;
+    let cli = Cli::parse();
+    init_logs(cli.log, Some(tracing_opentelemetry::layer().with_tracer(tracer).boxed()));
+    run(cli, extra).await
+}
+
+async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> i32 {
     match dispatch::run(cli, extra).await {
         Ok(()) => 0,
         // A reader that went away (`| head`) is no failure.
@@ -82,17 +114,21 @@ pub async fn main_with(extra: Vec<Arc<dyn Projection>>) -> i32 {
 }
 
 /// Logs to standard error: `RUST_LOG`, or `info` without PostgreSQL's notices (every
-/// `CREATE TABLE IF NOT EXISTS` of a migration sends one); colours only on a terminal.
-fn init_logs(format: LogFormat) {
+/// `CREATE TABLE IF NOT EXISTS` of a migration sends one); colours only on a terminal. `traces`
+/// (an OpenTelemetry layer) sees the same spans the filter lets through.
+fn init_logs(format: LogFormat, traces: Option<BoxedLayer>) {
     use std::io::IsTerminal;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let logs = match format {
+        LogFormat::Human => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
     };
+    let _ = tracing_subscriber::registry().with(logs.and_then(traces).with_filter(filter)).try_init();
 }
+
+type BoxedLayer = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;

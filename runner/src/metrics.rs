@@ -17,10 +17,12 @@ pub(crate) fn install() -> Result<&'static PrometheusHandle> {
     if let Some(handle) = HANDLE.get() {
         return Ok(handle);
     }
+    use annal_eventstore::metrics::{APPEND_BUCKETS, APPEND_DURATION};
     use annal_projections::metrics::{BATCH, BUCKETS, LATENCY};
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(LATENCY.into()), BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH.into()), BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(APPEND_DURATION.into()), APPEND_BUCKETS))
         .map_err(|e| Error::Metrics(e.to_string()))?;
     let handle = builder.install_recorder().map_err(|e| Error::Metrics(e.to_string()))?;
     describe();
@@ -35,6 +37,11 @@ fn describe() {
     metrics::describe_counter!(m::PARKED, "events parked as dead letters");
     metrics::describe_histogram!(m::LATENCY, metrics::Unit::Seconds, "commit-to-applied latency");
     metrics::describe_histogram!(m::BATCH, metrics::Unit::Seconds, "time to apply a batch");
+    metrics::describe_histogram!(
+        annal_eventstore::metrics::APPEND_DURATION,
+        metrics::Unit::Seconds,
+        "time an append took, by backend and outcome (appends made in this process)"
+    );
     metrics::describe_gauge!("annal_projection_running", "1 while the projection runs in this process");
     metrics::describe_gauge!("annal_projection_events_behind", "events selected but not yet applied");
     metrics::describe_gauge!("annal_projection_seconds_behind", "age of the oldest event not yet applied");

@@ -60,7 +60,7 @@ pub(crate) async fn status(
         return print(&rows(database, store, config, extra, options.projection.as_deref()).await?, options.json);
     };
     if !every.is_finite() || every <= 0.0 {
-        return Err(Error::Config(format!("--watch {every}: give a positive number of seconds")));
+        return Err(Error::InvalidArgument(format!("--watch {every}: give a positive number of seconds")));
     }
     let stop = crate::serve::shutdown_signal();
     tokio::pin!(stop);

@@ -158,6 +158,7 @@ async fn status_json_filter_watch_owner_and_unknown_names() {
     failed(&annal(&setup, &["dead-letters", "list", "nope"]), "no projection named \"nope\"");
     failed(&annal(&setup, &["dead-letters", "show", "nope", "1"]), "no projection named \"nope\"");
     failed(&annal(&setup, &["dead-letters", "skip", "nope", "1"]), "no projection named \"nope\"");
+    failed(&annal(&setup, &["status", "--watch", "0"]), "--watch 0: give a positive number of seconds");
     // --watch prints again and again, until SIGTERM.
     let mut watch = runner()
         .args(["status", "ledger", "--watch", "0.1", "-c"])
@@ -198,6 +199,8 @@ async fn dead_letters_show_retry_all_or_by_stream_and_skip() {
     assert_eq!(shown["attempts"], 1);
     assert!(chrono::DateTime::parse_from_rfc3339(shown["parked_at"].as_str().unwrap()).is_ok());
     failed(&annal(&setup, &["dead-letters", "show", "ledger", "999"]), "999");
+    // Retried while the "bug" is still there: they fail again and stay parked.
+    failed(&annal(&setup, &["dead-letters", "retry", "ledger", "--all"]), "dead letters are still parked");
     // Fix the "bug" (allow negative amounts), then retry one stream, skip one, retry the rest.
     sqlx::query("DROP TABLE ledger").execute(setup.store.writer()).await.unwrap();
     sqlx::query("CREATE TABLE ledger (event_id BLOB PRIMARY KEY, account TEXT NOT NULL, amount INTEGER NOT NULL)")
@@ -228,7 +231,8 @@ async fn streams_read_and_tail() {
     let events: Vec<Value> = read.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(events.iter().map(|e| e["data"]["amount"].as_i64().unwrap()).collect::<Vec<_>>(), [2, 3]);
     assert_eq!(events[0]["version"], 1);
-    failed(&annal(&setup, &["read", "account-404"]), "no stream named");
+    failed(&annal(&setup, &["read", "account-404"]), "no stream named \"account-404\"");
+    failed(&annal(&setup, &["read", ""]), "invalid stream name \"\"");
     // tail --filter: only new events of the category, as they are appended.
     let mut tail = runner()
         .args(["tail", "--filter", "order", "--config"])

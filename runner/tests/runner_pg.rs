@@ -271,3 +271,46 @@ async fn commands_print_no_postgres_notices() {
         assert!(!stderr.contains("notice") && !stderr.contains("already exists"), "{stderr}");
     }
 }
+
+/// `annal_store_oldest_transaction_seconds` on `/metrics`: a transaction held open (with a
+/// transaction id) shows as its age, growing; once it commits the gauge falls below that age.
+/// (The gauge is cluster-wide: another test's transaction may show too, but never a younger one
+/// in place of ours, so "at least our age" holds while ours is open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oldest_transaction_gauge_shows_a_transaction_held_open() {
+    const GAUGE: &str = "annal_store_oldest_transaction_seconds";
+    let setup = setup().await;
+    let config = setup.config("oldest", &ledger_config(""));
+    let runner = start(&config);
+    let deadline = Instant::now() + PATIENCE;
+    while gauge(&config, GAUGE).is_none() {
+        assert!(Instant::now() < deadline, "the runner never served {GAUGE}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut held = setup.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut *held).await.unwrap();
+    let opened = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let floor = opened.elapsed().as_secs_f64();
+        let age = gauge(&config, GAUGE).expect("/metrics answers");
+        assert!(age >= floor - 0.5, "{GAUGE} {age} below the held transaction's age {floor}");
+        seen.push(age);
+        if age >= 2.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{GAUGE} never rose past 2 s: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen.windows(2).any(|w| w[1] > w[0]), "{GAUGE} did not grow: {seen:?}");
+    held.commit().await.unwrap();
+    loop {
+        let floor = opened.elapsed().as_secs_f64();
+        if gauge(&config, GAUGE).expect("/metrics answers") < floor - 0.5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{GAUGE} stayed at the committed transaction's age");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    terminate(runner);
+}

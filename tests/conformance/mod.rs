@@ -99,12 +99,19 @@ async fn next_event(sub: &mut (impl futures::Stream<Item = annal::Result<Recorde
         .unwrap()
 }
 
+/// A caller-supplied trace context (the W3C specification's example).
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
 pub(crate) async fn append_and_read_back<S: EventStore>(store: S) {
     let s = stream("order-1");
     let correlation = Uuid::now_v7();
     let first =
         NewEvent::new("Placed", json!({ "total": 12.5, "lines": [1, 2] })).with_schema_version(3).with_metadata(
-            Metadata::default().with_correlation_id(correlation).with_causation_id(correlation).with("user", "ada"),
+            Metadata::default()
+                .with_correlation_id(correlation)
+                .with_causation_id(correlation)
+                .with_traceparent(TRACEPARENT.parse().unwrap())
+                .with("user", "ada"),
         );
     let second = NewEvent::new("Paid", json!(null));
     let before = chrono::Utc::now() - chrono::Duration::seconds(5);
@@ -128,6 +135,7 @@ pub(crate) async fn append_and_read_back<S: EventStore>(store: S) {
         assert!(got.recorded_at > before && got.recorded_at < chrono::Utc::now() + chrono::Duration::seconds(5));
     }
     assert_eq!(read[0].metadata.correlation_id, Some(correlation));
+    assert_eq!(read[0].metadata.traceparent.map(|t| t.to_string()).as_deref(), Some(TRACEPARENT));
     assert_eq!(store.stream_version(&s).await.unwrap(), Some(1));
     assert_eq!(store.stream_version(&stream("order-2")).await.unwrap(), None);
     assert_eq!(visible(&store, written.position()).await, written.position());
@@ -714,6 +722,10 @@ pub(crate) async fn what_can_be_stored_reads_back_and_the_rest_is_refused<S: Eve
         Metadata::default().with("correlation_id", "not-a-uuid"),
         Metadata::default().with("causation_id", 42),
         Metadata::default().with_correlation_id(Uuid::now_v7()).with("correlation_id", "x"),
+        // Even a valid trace context: the first-class field holds it, so it reads back typed.
+        Metadata::default().with("traceparent", TRACEPARENT),
+        Metadata::default().with("traceparent", "00-not-a-trace-context"),
+        Metadata::default().with_traceparent(TRACEPARENT.parse().unwrap()).with("traceparent", TRACEPARENT),
     ] {
         let refused = store.append(&s, ExpectedVersion::Any, vec![at(json!(1)).with_metadata(meta.clone())]).await;
         assert!(is_unsupported(&refused), "{meta:?}: {refused:?}");
@@ -936,7 +948,7 @@ pub(crate) async fn generated_events_round_trip_as_in_memory<S: EventStore>(stor
 }
 
 mod generated {
-    use annal::{Metadata, NewEvent};
+    use annal::{Metadata, NewEvent, TraceParent};
     use proptest::prelude::*;
     use serde_json::{Number, Value};
 
@@ -984,20 +996,28 @@ mod generated {
             6 => text(),
             1 => Just("correlation_id".to_owned()),
             1 => Just("causation_id".to_owned()),
+            1 => Just("traceparent".to_owned()),
             1 => Just(String::new()),
         ];
-        (proptest::option::of(any::<u128>()), proptest::collection::btree_map(key, json(), 0..4)).prop_map(
-            |(id, extra)| {
+        let traceparent = (1u128.., 1u64.., any::<u8>()).prop_map(|(t, s, f)| TraceParent::new(t, s, f).unwrap());
+        (
+            proptest::option::of(any::<u128>()),
+            proptest::option::of(traceparent),
+            proptest::collection::btree_map(key, json(), 0..4),
+        )
+            .prop_map(|(id, traceparent, extra)| {
                 let mut m = Metadata::default();
                 if let Some(id) = id {
                     m = m.with_correlation_id(uuid::Uuid::from_u128(id));
+                }
+                if let Some(traceparent) = traceparent {
+                    m = m.with_traceparent(traceparent);
                 }
                 for (k, v) in extra {
                     m = m.with(k, v);
                 }
                 m
-            },
-        )
+            })
     }
 
     pub(super) fn event() -> impl Strategy<Value = NewEvent> {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use hashlink::LruCache;
 
 use futures::TryStreamExt;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{Aggregate, Decide, Event, Snapshot};
@@ -347,7 +348,30 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
         self.run(id, command, metadata, Some(command_id)).await
     }
 
+    /// [`Repository::attempts`] inside an `annal.command` span showing the command's
+    /// correlation and causation ids: the appends run in it, so with the `opentelemetry` feature
+    /// the events keep its trace context (see [`TraceParent`](crate::TraceParent)).
     async fn run(
+        &self,
+        id: &A::Id,
+        command: A::Command,
+        metadata: Metadata,
+        command_id: Option<Uuid>,
+    ) -> Result<Executed<A>, CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        let span = tracing::info_span!(
+            "annal.command",
+            aggregate = std::any::type_name::<A>(),
+            correlation_id = metadata.correlation_id.map(tracing::field::display),
+            causation_id = metadata.causation_id.map(tracing::field::display),
+            command_id = command_id.map(tracing::field::display),
+        );
+        self.attempts(id, command, metadata, command_id).instrument(span).await
+    }
+
+    async fn attempts(
         &self,
         id: &A::Id,
         command: A::Command,

@@ -209,10 +209,13 @@ impl PgTransaction<'_> {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        let encoded = encode_batch(events, self.store.max_event_size)?;
-        let result = append_on(&mut self.tx, true, stream, expected, &encoded).await?;
-        self.appended_up_to = self.appended_up_to.max(result.position());
-        Ok(result)
+        crate::metrics::append("postgres", stream, events.len(), async {
+            let encoded = encode_batch(events, self.store.max_event_size)?;
+            let result = append_on(&mut self.tx, true, stream, expected, &encoded).await?;
+            self.appended_up_to = self.appended_up_to.max(result.position());
+            Ok(result)
+        })
+        .await
     }
 
     /// The connection, for the caller's own statements in this transaction.
@@ -478,11 +481,14 @@ impl EventStore for PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        let encoded = encode_batch(events, self.max_event_size)?;
-        let mut conn = self.pool.acquire().await?;
-        let result = append_on(&mut conn, false, stream, expected, &encoded).await?;
-        self.committed(result.position());
-        Ok(result)
+        crate::metrics::append("postgres", stream, events.len(), async {
+            let encoded = encode_batch(events, self.max_event_size)?;
+            let mut conn = self.pool.acquire().await?;
+            let result = append_on(&mut conn, false, stream, expected, &encoded).await?;
+            self.committed(result.position());
+            Ok(result)
+        })
+        .await
     }
 
     async fn read_stream_page(

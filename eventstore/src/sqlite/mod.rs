@@ -272,9 +272,8 @@ fn decode(row: &SqliteRow) -> Result<RecordedEvent> {
     .decode()
 }
 
-#[async_trait]
-impl EventStore for SqliteEventStore {
-    async fn append(
+impl SqliteEventStore {
+    async fn write(
         &self,
         stream: &StreamName,
         expected: ExpectedVersion,
@@ -318,6 +317,18 @@ impl EventStore for SqliteEventStore {
         let result = AppendResult::new(first + encoded.len() as u64 - 1, positions);
         self.notifier.notify_up_to(result.position());
         Ok(result)
+    }
+}
+
+#[async_trait]
+impl EventStore for SqliteEventStore {
+    async fn append(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult> {
+        crate::metrics::append("sqlite", stream, events.len(), self.write(stream, expected, events)).await
     }
 
     async fn read_stream_page(

@@ -125,3 +125,16 @@ pub async fn lease_owners(pool: &PgPool) -> Vec<String> {
         .await
         .unwrap_or_default()
 }
+
+/// The value of the unlabelled gauge `name` on the `/metrics` of the runner run with `config`,
+/// or `None` while it does not answer (or shows no such gauge).
+pub fn gauge(config: &PathBuf, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let text = std::fs::read_to_string(config).unwrap();
+    let address = text.lines().find_map(|l| l.strip_prefix("listen = \"")?.strip_suffix('"')).unwrap().to_owned();
+    let mut stream = std::net::TcpStream::connect(&address).ok()?;
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
