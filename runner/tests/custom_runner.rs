@@ -53,6 +53,9 @@ async fn the_custom_runner_example_runs_reports_and_rebuilds_its_rust_projection
         let deposited = NewEvent::new("Deposited", json!({ "amount": 10 }));
         store.append(&stream, ExpectedVersion::NoStream, vec![opened, deposited]).await.unwrap();
     }
+    store.close().await;
+    let migrate = custom_runner(&config, &["migrate"]);
+    assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
 
     let log = dir.path().join("run.log");
     let mut child = KillOnDrop(
