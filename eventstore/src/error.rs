@@ -157,6 +157,18 @@ pub enum Error {
         reason: String,
     },
 
+    /// The database lacks tables, or has older ones, than this code needs: migrations that are
+    /// not applied. Returned by the constructors that never migrate (for read-only use), so that
+    /// nothing is read from (or created in) a schema this code does not know. Run the migrations
+    /// (the constructors that migrate, or `annal-runner migrate`) first.
+    #[error("the database's schema is not up to date: migrations {missing:?} of {history} are not applied")]
+    NotMigrated {
+        /// The migration history table (`annal_migrations`, `annal_projection_migrations`).
+        history: String,
+        /// The versions not applied, oldest first.
+        missing: Vec<i64>,
+    },
+
     /// The store was closed; nothing more can be done with it.
     #[error("the event store is closed")]
     Closed,

@@ -66,6 +66,8 @@ mod wakeup;
 pub mod convert;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod schema;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 pub mod testing;

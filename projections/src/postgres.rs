@@ -32,11 +32,28 @@ impl PgProjectionStore {
     /// Store errors when migrating.
     pub async fn new(events: &PgEventStore) -> Result<Self> {
         let pool = events.pool().clone();
-        let mut migrator = sqlx::migrate!("./migrations/postgres");
-        migrator.dangerous_set_table_name("annal_projection_migrations");
-        migrator.run(&pool).await.map_err(|e| Error::Store(annal_eventstore::Error::Backend(Box::new(e))))?;
+        migrator().run(&pool).await.map_err(|e| Error::Store(annal_eventstore::Error::Backend(Box::new(e))))?;
         Ok(PgProjectionStore { pool })
     }
+
+    /// Uses the event store's pool without migrating or writing anything: the tables must be up
+    /// to date already. A role with `SELECT` rights alone can read checkpoints, leases and dead
+    /// letters through it.
+    ///
+    /// # Errors
+    /// [`annal_eventstore::Error::NotMigrated`] (as [`Error::Store`]) if migrations are missing;
+    /// store errors if the database cannot be read.
+    pub async fn migrated(events: &PgEventStore) -> Result<Self> {
+        events.check_migrated(&migrator()).await?;
+        Ok(PgProjectionStore { pool: events.pool().clone() })
+    }
+}
+
+/// The projection store's migrations, with a history of their own beside the event store's.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
+    migrator.dangerous_set_table_name("annal_projection_migrations");
+    migrator
 }
 
 /// Bounds a lease holder's batch transaction on the server (see [`crate::batch_timeouts`]):

@@ -417,7 +417,12 @@ pub async fn partition_lag(
     let filter = filter.clone().with_partition(partition, count);
     let events_behind = events.count(checkpoint, head, &filter).await?;
     let oldest = if events_behind > 0 {
-        events.read_all_page(checkpoint, &filter, 1).await?.events.into_iter().next()
+        match events.read_all_page(checkpoint, &filter, 1).await {
+            Ok(page) => page.events.into_iter().next(),
+            // An event the store cannot decode has no age to read: the lag is counted, not timed.
+            Err(annal_eventstore::Error::Unreadable(_)) => None,
+            Err(error) => return Err(error.into()),
+        }
     } else {
         None
     };

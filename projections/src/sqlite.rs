@@ -32,11 +32,27 @@ impl SqliteProjectionStore {
     /// # Errors
     /// Store errors when migrating.
     pub async fn new(events: &SqliteEventStore) -> Result<Self> {
-        let mut migrator = sqlx::migrate!("./migrations/sqlite");
-        migrator.dangerous_set_table_name("annal_projection_migrations");
-        events.migrate(&migrator).await?;
+        events.migrate(&migrator()).await?;
         Ok(SqliteProjectionStore { pool: events.writer().clone() })
     }
+
+    /// Uses the event store's pool without migrating: the tables must be up to date already.
+    /// With a store opened by [`SqliteEventStore::open_read_only`], nothing can be written.
+    ///
+    /// # Errors
+    /// [`annal_eventstore::Error::NotMigrated`] (as [`crate::Error::Store`]) if migrations are
+    /// missing; store errors if the file cannot be read.
+    pub async fn migrated(events: &SqliteEventStore) -> Result<Self> {
+        events.check_migrated(&migrator()).await?;
+        Ok(SqliteProjectionStore { pool: events.writer().clone() })
+    }
+}
+
+/// The projection store's migrations, with a history of their own beside the event store's.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("./migrations/sqlite");
+    migrator.dangerous_set_table_name("annal_projection_migrations");
+    migrator
 }
 
 /// SQLite has no server to end a frozen writer's transaction: nothing to set. (A writer frozen

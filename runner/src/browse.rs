@@ -1,6 +1,6 @@
 //! `streams`, `read` and `tail`: the event store as an operator browses it.
 
-use annal_eventstore::{Filter, Position, ReadStream, RecordedEvent, StreamName};
+use annal_eventstore::{Filter, Position, ReadStream, RecordedEvent, StreamName, UnreadableEvent};
 use futures::StreamExt;
 
 use crate::database::Database;
@@ -21,6 +21,31 @@ pub(crate) fn event_json(event: &RecordedEvent) -> serde_json::Value {
     })
 }
 
+/// An event the store could not decode, as a JSON object in its place: what is known of it, the
+/// stored text and why it cannot be read (`"unreadable"`).
+pub(crate) fn unreadable_json(bad: &UnreadableEvent) -> serde_json::Value {
+    serde_json::json!({
+        "position": bad.position.to_string(),
+        "stream": bad.stream,
+        "version": bad.version,
+        "id": bad.id,
+        "type": bad.event_type,
+        "unreadable": bad.reason,
+        "stored_data": bad.data,
+        "stored_metadata": bad.metadata,
+    })
+}
+
+/// One read item as JSON: an event, or an unreadable one in its place; other errors end the
+/// read.
+pub(crate) fn item_json(item: annal_eventstore::Result<RecordedEvent>) -> Result<serde_json::Value> {
+    match item {
+        Ok(event) => Ok(event_json(&event)),
+        Err(annal_eventstore::Error::Unreadable(bad)) => Ok(unreadable_json(&bad)),
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// Prints the streams by category with their event counts.
 pub(crate) async fn streams(database: &Database, category: Option<&str>) -> Result<()> {
     out!("{:<20} {:<40} {:>10}", "category", "stream", "events");
@@ -30,20 +55,21 @@ pub(crate) async fn streams(database: &Database, category: Option<&str>) -> Resu
     Ok(())
 }
 
-/// Reads up to `limit` events of `stream` from version `from`.
+/// Reads up to `limit` events of `stream` from version `from`, as JSON objects; an event the
+/// store cannot decode is reported in its place ([`unreadable_json`]).
 pub(crate) async fn read_stream(
     database: &Database,
     stream: &str,
     from: u64,
     limit: usize,
-) -> Result<Vec<RecordedEvent>> {
+) -> Result<Vec<serde_json::Value>> {
     let stream = StreamName::new(stream)?;
     let events = database.events();
     let read = ReadStream::forwards().from_version(from).limit(limit.max(1));
     let mut out = Vec::new();
     let mut reader = events.read_stream(&stream, read);
-    while let Some(event) = reader.next().await {
-        out.push(event?);
+    while let Some(item) = reader.next().await {
+        out.push(item_json(item)?);
     }
     Ok(out)
 }
@@ -55,7 +81,7 @@ pub(crate) async fn read(database: &Database, stream: &str, from: u64, limit: us
         return Err(Error::UnknownStream(stream.to_owned()));
     }
     for event in &events {
-        out!("{}", event_json(event));
+        out!("{event}");
     }
     Ok(())
 }
@@ -73,7 +99,7 @@ pub(crate) async fn tail(database: &Database, categories: &[String], from_start:
         tokio::select! {
             () = &mut stop => return Ok(()),
             event = subscription.next() => match event {
-                Some(event) => out!("{}", event_json(&event?)),
+                Some(item) => out!("{}", item_json(item)?),
                 None => return Ok(()),
             },
         }

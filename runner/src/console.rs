@@ -153,7 +153,7 @@ struct ReadQuery {
 
 async fn read(State(observed): Shared, Path(stream): Path<String>, Query(query): Query<ReadQuery>) -> Response {
     match crate::browse::read_stream(&observed.database, &stream, query.from.unwrap_or(0), 100).await {
-        Ok(events) => Json(events.iter().map(crate::browse::event_json).collect::<Vec<_>>()).into_response(),
+        Ok(events) => Json(events).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e.report()),
     }
 }

@@ -47,15 +47,33 @@ macro_rules! each_backend {
     };
 }
 
+/// What a command may do to the database, which decides how it is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// `migrate` and `run`: a missing SQLite file is created, and the schema brought up to date.
+    Migrate,
+    /// `rebuild`, `dead-letters retry` and `skip`: they write, but only into an existing schema
+    /// that is up to date.
+    Write,
+    /// Every other command: nothing is created, migrated or written. SQLite files are opened
+    /// read-only; PostgreSQL sessions are read-only (`default_transaction_read_only`), so a role
+    /// with `SELECT` rights alone is enough.
+    ReadOnly,
+}
+
 impl Database {
     /// Connects, giving up after [`CONNECT_TIMEOUT`] with an error naming the host (or the file)
-    /// and the cause, such as "connection refused".
-    pub(crate) async fn connect(url: &str) -> Result<Self> {
+    /// and the cause, such as "connection refused". A relative SQLite path is taken relative to
+    /// `base`, the configuration file's directory, and must exist unless `access` migrates.
+    pub(crate) async fn connect(url: &str, base: &std::path::Path, access: Access) -> Result<Self> {
         #[cfg(feature = "postgres")]
         if url.starts_with("postgres") {
             use std::str::FromStr;
-            let options = sqlx::postgres::PgConnectOptions::from_str(url)
+            let mut options = sqlx::postgres::PgConnectOptions::from_str(url)
                 .map_err(|e| Error::Connect { target: "PostgreSQL (invalid URL)".into(), source: Box::new(e) })?;
+            if access == Access::ReadOnly {
+                options = options.options([("default_transaction_read_only", "on")]);
+            }
             let target = format!("PostgreSQL at {}:{}", options.get_host(), options.get_port());
             let failed = |source: annal_eventstore::BoxError| Error::Connect { target: target.clone(), source };
             // One connection first: its error says why (a pool's would only say it timed out).
@@ -70,17 +88,31 @@ impl Database {
                 .connect_with(options)
                 .await
                 .map_err(|e| failed(Box::new(e)))?;
-            let store = annal_eventstore::PgEventStore::from_pool(pool).await.map_err(|e| failed(Box::new(e)))?;
-            return Ok(Database::Postgres(store));
+            let store = match access {
+                Access::Migrate => annal_eventstore::PgEventStore::from_pool(pool).await,
+                Access::Write | Access::ReadOnly => annal_eventstore::PgEventStore::from_migrated_pool(pool).await,
+            };
+            return store
+                .map(Database::Postgres)
+                .map_err(|e| not_migrated(&target, e).unwrap_or_else(|e| failed(Box::new(e))));
         }
         #[cfg(feature = "sqlite")]
         if url.starts_with("sqlite:") {
-            let file = url.trim_start_matches("sqlite:").trim_start_matches("//");
-            let target = format!("SQLite database {file}");
-            return annal_eventstore::SqliteEventStore::connect(url)
-                .await
-                .map(Database::Sqlite)
-                .map_err(|e| Error::Connect { target, source: Box::new(e) });
+            use annal_eventstore::SqliteEventStore;
+            let options = sqlite_options(url, base)?;
+            let file = options.get_filename().to_owned();
+            let target = format!("SQLite database {}", file.display());
+            if access != Access::Migrate && !file.exists() {
+                return Err(Error::NoDatabase { file });
+            }
+            let store = match access {
+                Access::Migrate => SqliteEventStore::open_with(options.create_if_missing(true)).await,
+                Access::Write => SqliteEventStore::open_migrated(options).await,
+                Access::ReadOnly => SqliteEventStore::open_read_only(options).await,
+            };
+            return store.map(Database::Sqlite).map_err(|e| {
+                not_migrated(&target, e).unwrap_or_else(|e| Error::Connect { target, source: Box::new(e) })
+            });
         }
         Err(Error::UnsupportedDatabase(url.to_owned()))
     }
@@ -126,12 +158,28 @@ impl Database {
         events
     }
 
-    pub(crate) async fn projection_store(&self) -> Result<Arc<dyn ProjectionStore>> {
+    /// The projection store, its tables created or upgraded first if `access` migrates, and
+    /// otherwise checked to be up to date.
+    pub(crate) async fn projection_store(&self, access: Access) -> Result<Arc<dyn ProjectionStore>> {
+        use annal_projections::Error::Store;
+        let missing = |error: annal_projections::Error| match error {
+            Store(e) => not_migrated("the projection store", e).unwrap_or_else(|e| Store(e).into()),
+            e => Error::from(e),
+        };
+        let migrate = access == Access::Migrate;
         Ok(match *self {
             #[cfg(feature = "postgres")]
-            Database::Postgres(ref store) => Arc::new(annal_projections::PgProjectionStore::new(store).await?),
+            Database::Postgres(ref store) => Arc::new(if migrate {
+                annal_projections::PgProjectionStore::new(store).await?
+            } else {
+                annal_projections::PgProjectionStore::migrated(store).await.map_err(missing)?
+            }),
             #[cfg(feature = "sqlite")]
-            Database::Sqlite(ref store) => Arc::new(annal_projections::SqliteProjectionStore::new(store).await?),
+            Database::Sqlite(ref store) => Arc::new(if migrate {
+                annal_projections::SqliteProjectionStore::new(store).await?
+            } else {
+                annal_projections::SqliteProjectionStore::migrated(store).await.map_err(missing)?
+            }),
         })
     }
 
@@ -148,13 +196,14 @@ impl Database {
     }
 
     /// Runs the `setup` statements, then prepares every handler statement: invalid SQL, or SQL
-    /// naming a table that does not exist, is found here, before anything runs.
+    /// naming a table that does not exist, is found here, before anything runs. Without
+    /// `commit`, it is rolled back (and with no setup statements, it writes nothing: `check`).
     pub(crate) async fn check(&self, setup: &[String], projections: &[SqlProjection], commit: bool) -> Result<()> {
         each_backend!(self, |store, pool, handlers, begin| {
-            let mut tx = pool.begin_with(begin).await?;
+            let mut tx = if commit { pool.begin_with(begin).await? } else { pool.begin().await? };
             // Serialised between runners starting together: concurrent `CREATE TABLE IF NOT
             // EXISTS` can fail on PostgreSQL.
-            if self.is_postgres() {
+            if commit && self.is_postgres() {
                 sqlx::query("SELECT pg_advisory_xact_lock(7046716111)").execute(&mut *tx).await?;
             }
             for statement in setup {
@@ -175,6 +224,34 @@ impl Database {
         });
         Ok(())
     }
+}
+
+/// The runner's error for a schema that is not up to date, naming `target` and what to do; any
+/// other error given back.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+fn not_migrated(target: &str, error: annal_eventstore::Error) -> std::result::Result<Error, annal_eventstore::Error> {
+    match error {
+        annal_eventstore::Error::NotMigrated { .. } => {
+            Ok(Error::NotMigrated { target: target.to_owned(), source: Box::new(error) })
+        }
+        error => Err(error),
+    }
+}
+
+/// The options of a `sqlite:` URL, a relative path taken relative to `base` (the configuration
+/// file's directory, not wherever the command is run from).
+#[cfg(feature = "sqlite")]
+fn sqlite_options(url: &str, base: &std::path::Path) -> Result<sqlx::sqlite::SqliteConnectOptions> {
+    use std::str::FromStr;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+        .map_err(|e| Error::Connect { target: format!("SQLite database {url}"), source: Box::new(e) })?;
+    let file = options.get_filename();
+    // sqlx names in-memory databases `file:...`.
+    if file.is_absolute() || file.starts_with("file:") {
+        return Ok(options);
+    }
+    let file = base.join(file);
+    Ok(options.filename(file))
 }
 
 /// The projection named `name` among `projections`.

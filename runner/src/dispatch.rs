@@ -2,14 +2,15 @@
 // Built without a backend, the runner can only refuse every URL.
 #![cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(unreachable_code, unused_variables))]
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use annal_projections::{Projection, ProjectionRunner, WorkerOptions};
 
-use crate::args::{Cli, Command};
+use crate::args::{Cli, Command, DeadLetterAction};
 use crate::config::Config;
-use crate::database::{Database, find};
+use crate::database::{Access, Database, find};
 use crate::{Error, Result, SqlProjection};
 
 /// Runs one parsed command line.
@@ -23,11 +24,14 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
     let sql: Vec<SqlProjection> = config.projections.iter().map(SqlProjection::new).collect::<Result<_>>()?;
     let setup: Vec<String> = config.projections.iter().flat_map(|p| p.setup.clone()).collect();
     let mut projections: Vec<Arc<dyn Projection>> = Vec::new();
-    let database = Database::connect(&config.database).await?;
-    let store = database.projection_store().await?;
+    let access = access(&cli.command);
+    let database = Database::connect(&config.database, &config_dir(&cli.config)?, access).await?;
+    let store = database.projection_store(access).await?;
     match cli.command {
         Command::Check => {
-            database.check(&setup, &sql, false).await?;
+            // Against the tables as they are (`migrate` runs the setup statements): a
+            // read-only role can check.
+            database.check(&[], &sql, false).await?;
             out!("configuration and SQL are valid: {} projection(s)", config.projections.len());
         }
         Command::Migrate => {
@@ -146,6 +150,36 @@ pub(crate) fn lease(config: &Config) -> Duration {
 fn find_name(config: &Config, extra: &[Arc<dyn Projection>], name: &str) -> Result<()> {
     let known = config.projections.iter().any(|p| p.name == name) || extra.iter().any(|p| p.name() == name);
     if known { Ok(()) } else { Err(Error::UnknownProjection(name.to_owned())) }
+}
+
+/// What `command` may do to the database: only `migrate` and `run` migrate, and only they,
+/// `rebuild`, `pause`, `resume`, `reset` and the dead-letter commands that change something
+/// write.
+fn access(command: &Command) -> Access {
+    match command {
+        Command::Migrate | Command::Run { .. } => Access::Migrate,
+        Command::Rebuild { .. }
+        | Command::Pause { .. }
+        | Command::Resume { .. }
+        | Command::Reset { .. }
+        | Command::DeadLetters { action: DeadLetterAction::Retry { .. } | DeadLetterAction::Skip { .. } } => {
+            Access::Write
+        }
+        Command::Check
+        | Command::Status { .. }
+        | Command::Streams { .. }
+        | Command::Read { .. }
+        | Command::Tail { .. }
+        | Command::DeadLetters { action: DeadLetterAction::List { .. } | DeadLetterAction::Show { .. } } => {
+            Access::ReadOnly
+        }
+    }
+}
+
+/// The configuration file's directory, absolute: relative SQLite paths are taken from there.
+fn config_dir(config: &Path) -> Result<PathBuf> {
+    let dir = config.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::path::absolute(dir).map_err(|source| Error::ReadConfig { path: config.to_owned(), source })
 }
 
 /// This runner's name in leases: host name, pid and a random suffix (in containers every pid

@@ -107,6 +107,27 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// The database's tables are missing or older than this runner's (a command other than
+    /// `migrate` and `run`, which never migrates); the source names the missing migrations.
+    #[error("{target} is not set up for this runner (tables missing or older); run `annal-runner migrate` first")]
+    NotMigrated {
+        /// The database, or the projection store.
+        target: String,
+        /// The missing migrations.
+        #[source]
+        source: BoxError,
+    },
+    /// The SQLite file does not exist (a command other than `migrate` and `run`, which create
+    /// it); a relative path is relative to the configuration file's directory.
+    #[error(
+        "SQLite database {} does not exist (a relative path is relative to the configuration file's directory); \
+         run `annal-runner migrate` to create it",
+        file.display()
+    )]
+    NoDatabase {
+        /// The file, as resolved.
+        file: PathBuf,
+    },
     /// The configuration names an environment variable that is not set.
     #[error("line {line}: environment variable {name} is not set")]
     MissingEnv {

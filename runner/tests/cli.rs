@@ -54,6 +54,8 @@ async fn setup() -> Setup {
         format!("database = \"sqlite://{}\"\nlisten = \"{listen}\"\nlease_seconds = 1.0\n{LEDGER}", db.display());
     std::fs::write(&config, text).unwrap();
     let store = SqliteEventStore::open(&db).await.unwrap();
+    // The projection store's tables too: only `migrate` and `run` create them.
+    annal_projections::SqliteProjectionStore::new(&store).await.unwrap();
     Setup { _dir: dir, config, listen, store }
 }
 
@@ -283,9 +285,11 @@ async fn environment_variables_in_the_configuration() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("annal.toml");
     std::fs::write(&config, format!("database = \"sqlite://${{ANNAL_TEST_DIR}}/events.db\"\n{LEDGER}")).unwrap();
+    let migrate = runner().args(["migrate", "-c"]).arg(&config).env("ANNAL_TEST_DIR", dir.path()).output().unwrap();
+    assert!(ok(&migrate).contains("up to date"));
+    assert!(dir.path().join("events.db").exists());
     let with = runner().args(["check", "-c"]).arg(&config).env("ANNAL_TEST_DIR", dir.path()).output().unwrap();
     assert!(ok(&with).contains("valid"));
-    assert!(dir.path().join("events.db").exists());
     let without = runner().args(["check", "-c"]).arg(&config).env_remove("ANNAL_TEST_DIR").output().unwrap();
     failed(&without, "line 1: environment variable ANNAL_TEST_DIR is not set");
 }
@@ -296,6 +300,8 @@ fn connection_errors_name_the_file_or_host_and_the_cause() {
     let config = dir.path().join("annal.toml");
     std::fs::write(&config, "database = \"sqlite:///no/such/dir/events.db\"\n").unwrap();
     let output = runner().args(["status", "-c"]).arg(&config).output().unwrap();
+    failed(&output, "SQLite database /no/such/dir/events.db does not exist");
+    let output = runner().args(["migrate", "-c"]).arg(&config).output().unwrap();
     failed(&output, "/no/such/dir/events.db");
     failed(&output, "unable to open database file");
     #[cfg(feature = "postgres")]

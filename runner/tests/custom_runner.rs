@@ -57,6 +57,9 @@ async fn the_custom_runner_example_runs_reports_and_rebuilds_its_rust_projection
     let custom_runner = |args: &[&str]| -> Output {
         Command::new(example()).current_dir(dir.path()).arg("--config").arg(&config).args(args).output().unwrap()
     };
+    // `status` only reads: the schema must be there before `run` has started.
+    let migrate = custom_runner(&["migrate"]);
+    assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
 
     let log = dir.path().join("run.log");
     let mut child = KillOnDrop(

@@ -88,7 +88,8 @@ fn bad_configurations_are_refused_before_anything_runs() {
     ];
     for (projections, expected) in cases {
         let setup = setup(&projections);
-        for command in ["check", "run"] {
+        // `migrate` first, so that `check` then finds the store's tables (it creates nothing).
+        for command in ["migrate", "check", "run"] {
             let output = annal(&setup.config, &[command]);
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert!(!output.status.success(), "{command} accepted a bad configuration ({expected})");

@@ -84,9 +84,47 @@ impl PgEventStore {
     pub async fn from_pool(pool: PgPool) -> Result<Self> {
         Self::migrate(&pool).await?;
         check_transaction_ids(&pool).await?;
+        Ok(PgEventStore::without_migrating(pool))
+    }
+
+    /// Uses an existing pool on a database whose schema is already up to date, without
+    /// migrating or writing anything: for tools that only read (a role with `SELECT` rights
+    /// alone can use it). Appends work only if the role may write.
+    ///
+    /// # Errors
+    /// [`Error::NotMigrated`] if the store's migrations are not all applied (run
+    /// [`PgEventStore::from_pool`] or `annal-runner migrate` first); [`Error::Corrupt`] as
+    /// [`PgEventStore::from_pool`]; [`Error::Backend`] if the database cannot be read.
+    pub async fn from_migrated_pool(pool: PgPool) -> Result<Self> {
+        let store = PgEventStore::without_migrating(pool);
+        store.check_migrated(&migrator()).await?;
+        check_transaction_ids(&store.pool).await?;
+        Ok(store)
+    }
+
+    fn without_migrating(pool: PgPool) -> Self {
         let notifier = Notifier::new();
         let announcer = Arc::new(Announcer::start(pool.clone(), notifier.clone()));
-        Ok(PgEventStore { pool, notifier, announcer, max_event_size: DEFAULT_MAX_EVENT_SIZE })
+        PgEventStore { pool, notifier, announcer, max_event_size: DEFAULT_MAX_EVENT_SIZE }
+    }
+
+    /// Checks, without writing, that every migration of `migrator` (the store's, a projection
+    /// store's) is applied to this database.
+    ///
+    /// # Errors
+    /// [`Error::NotMigrated`] naming the versions that are not; [`Error::Backend`] if the
+    /// database cannot be read.
+    pub async fn check_migrated(&self, migrator: &sqlx::migrate::Migrator) -> Result<()> {
+        let history: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(migrator.table_name.as_ref())
+            .fetch_one(&self.pool)
+            .await?;
+        let applied: Vec<i64> = if history {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(crate::schema::applied_sql(migrator))).fetch_all(&self.pool).await?
+        } else {
+            Vec::new()
+        };
+        crate::schema::require(migrator, &applied)
     }
 
     /// Creates or upgrades the store's tables. Safe to run concurrently and repeatedly.
@@ -94,11 +132,7 @@ impl PgEventStore {
     /// # Errors
     /// [`Error::Backend`] if a migration fails.
     pub async fn migrate(pool: &PgPool) -> Result<()> {
-        let mut migrator = sqlx::migrate!("./migrations/postgres");
-        // A history table of our own, so the store's migrations never mix with the
-        // application's sqlx migrations in the same database.
-        migrator.dangerous_set_table_name("annal_migrations");
-        migrator.run(pool).await.map_err(Error::backend)?;
+        migrator().run(pool).await.map_err(Error::backend)?;
         hash_old_streams(pool).await
     }
 
@@ -240,6 +274,14 @@ impl PgTransaction<'_> {
     pub async fn rollback(self) -> Result<()> {
         Ok(self.tx.rollback().await?)
     }
+}
+
+/// The embedded migrations, in a history table of our own, so the store's migrations never mix
+/// with the application's sqlx migrations in the same database.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
+    migrator.dangerous_set_table_name("annal_migrations");
+    migrator
 }
 
 async fn check_transaction_ids(pool: &PgPool) -> Result<()> {

@@ -89,6 +89,24 @@ impl SqliteEventStore {
     /// # Errors
     /// [`Error::Backend`] if the file cannot be opened or migrated.
     pub async fn open_with(options: SqliteConnectOptions) -> Result<Self> {
+        Self::open_writable(options, true).await
+    }
+
+    /// Opens an existing store whose schema is already up to date, without creating the file or
+    /// migrating: for processes that write (events, read models) but leave the schema to an
+    /// explicit migration step. WAL mode, a busy timeout and `synchronous = FULL` as
+    /// [`SqliteEventStore::open_with`].
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if the file does not exist or cannot be opened; [`Error::NotMigrated`]
+    /// if its schema lacks migrations this version needs.
+    pub async fn open_migrated(options: SqliteConnectOptions) -> Result<Self> {
+        let store = Self::open_writable(options.create_if_missing(false), false).await?;
+        store.check_migrated(&migrator()).await?;
+        Ok(store)
+    }
+
+    async fn open_writable(options: SqliteConnectOptions, migrate: bool) -> Result<Self> {
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
@@ -100,14 +118,69 @@ impl SqliteEventStore {
             SqlitePoolOptions::new().max_connections(1).test_before_acquire(false).connect_with(options.clone())
         })
         .await?;
-        Self::run_migrations(&migrator(), &writer).await.map_err(Error::backend)?;
-        hash_old_streams(&writer).await?;
+        if migrate {
+            Self::run_migrations(&migrator(), &writer).await.map_err(Error::backend)?;
+            hash_old_streams(&writer).await?;
+        }
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
         Ok(SqliteEventStore { writer, readers, notifier: Notifier::new(), max_event_size: DEFAULT_MAX_EVENT_SIZE })
+    }
+
+    /// Opens an existing store read-only: the file is never created, never migrated and never
+    /// written (both pools are read-only connections, so an append fails). For tools that
+    /// inspect a store, such as the runner's read-only commands.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] if the file does not exist or cannot be opened; [`Error::NotMigrated`]
+    /// if its schema lacks migrations this version needs (run [`SqliteEventStore::open`] or
+    /// `annal-runner migrate` first).
+    ///
+    /// ```no_run
+    /// use annal_eventstore::SqliteEventStore;
+    /// use sqlx::sqlite::SqliteConnectOptions;
+    ///
+    /// # async fn example() -> annal_eventstore::Result<()> {
+    /// let store = SqliteEventStore::open_read_only(SqliteConnectOptions::new().filename("events.db")).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn open_read_only(options: SqliteConnectOptions) -> Result<Self> {
+        // No journal mode: setting one writes (a file in WAL mode is read in WAL mode anyway).
+        let options = options.create_if_missing(false).read_only(true).busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(4).test_before_acquire(false).connect_with(options).await?;
+        let store = SqliteEventStore {
+            writer: pool.clone(),
+            readers: pool,
+            notifier: Notifier::new(),
+            max_event_size: DEFAULT_MAX_EVENT_SIZE,
+        };
+        store.check_migrated(&migrator()).await?;
+        Ok(store)
+    }
+
+    /// Checks, without writing, that every migration of `migrator` (the store's, a projection
+    /// store's) is applied to this file.
+    ///
+    /// # Errors
+    /// [`Error::NotMigrated`] naming the versions that are not; [`Error::Backend`] if the file
+    /// cannot be read.
+    pub async fn check_migrated(&self, migrator: &sqlx::migrate::Migrator) -> Result<()> {
+        let history: i64 = sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1")
+            .bind(migrator.table_name.as_ref())
+            .fetch_one(&self.readers)
+            .await?;
+        let applied: Vec<i64> = if history == 0 {
+            Vec::new()
+        } else {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(crate::schema::applied_sql(migrator)))
+                .fetch_all(&self.readers)
+                .await?
+        };
+        crate::schema::require(migrator, &applied)
     }
 
     /// Runs `migrator` on a SQLite pool, where sqlx takes no lock: when two processes open a new
