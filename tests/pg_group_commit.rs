@@ -351,7 +351,7 @@ async fn generated_groups_give_every_member_its_result_alone() {
 async fn forty_writers_on_own_and_shared_streams_through_groups() {
     const WRITERS: usize = 40;
     const ROUNDS: u64 = 15;
-    let store = store(Some(GroupCommit::default())).await;
+    let store = store(Some(GroupCommit::new(64, 2).unwrap())).await;
     let start = std::sync::Arc::new(tokio::sync::Barrier::new(WRITERS));
     let tasks: Vec<_> = (0..WRITERS)
         .map(|w| {
@@ -411,7 +411,7 @@ async fn crash_child() {
         .options([("search_path", schema.as_str())])
         .application_name(CHILD_APPLICATION);
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(20).connect_with(options).await.unwrap();
-    let store = PgEventStore::from_pool(pool).await.unwrap().with_group_commit(Some(GroupCommit::default()));
+    let store = PgEventStore::from_pool(pool).await.unwrap().with_group_commit(Some(GroupCommit::new(64, 2).unwrap()));
     let writers: Vec<_> = (0..16)
         .map(|w| {
             let store = store.clone();

@@ -5,9 +5,11 @@
 //! multi-stream `INSERT`, so they pay for one flush between them (figures in
 //! `docs/benchmarks.md`, the rule in `docs/ordering.md`, "Group commit").
 //!
-//! Natural batching, no timer: at most `max_in_flight` commits run at once. An append that finds
-//! a free slot runs alone at once, exactly as without grouping, so a lone writer never waits. An
-//! append that finds every slot busy queues; when a slot frees, what queued (up to `max_members`
+//! Natural batching, no timer: at most `max_in_flight` commits run at once (by default half the
+//! pool's connections). An append that finds a free slot runs alone at once, exactly as without
+//! grouping, so a lone writer never waits, and up to `max_in_flight` concurrent writers commit
+//! side by side, their WAL flushes merged by the server as before. An append that finds every
+//! slot busy (more writers than that, which would otherwise queue for a connection) queues; when a slot frees, what queued (up to `max_members`
 //! appends and [`MAX_GROUP_EVENTS`] events) is committed as one group, in a task that holds the
 //! slot. The wait is bounded by the commit in flight, never by a clock.
 //!
@@ -49,14 +51,15 @@ const MAX_GROUP_EVENTS: usize = 1000;
 /// use annal_eventstore::GroupCommit;
 ///
 /// let grouping = GroupCommit::new(32, 2)?;
-/// assert_eq!((grouping.max_members(), grouping.max_in_flight()), (32, 2));
+/// assert_eq!((grouping.max_members(), grouping.max_in_flight()), (32, Some(2)));
 /// assert!(GroupCommit::new(0, 2).is_err());
+/// assert_eq!(GroupCommit::default().max_in_flight(), None); // half the pool
 /// # Ok::<(), annal_eventstore::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupCommit {
     max_members: usize,
-    max_in_flight: usize,
+    max_in_flight: Option<usize>,
 }
 
 impl GroupCommit {
@@ -69,7 +72,7 @@ impl GroupCommit {
         if max_members == 0 || max_in_flight == 0 {
             return Err(Error::InvalidArgument { reason: "group commit needs at least one member and one commit" });
         }
-        Ok(GroupCommit { max_members, max_in_flight })
+        Ok(GroupCommit { max_members, max_in_flight: Some(max_in_flight) })
     }
 
     /// The most appends one group commits.
@@ -77,16 +80,18 @@ impl GroupCommit {
         self.max_members
     }
 
-    /// The most commits running at once before appends queue for a group.
-    pub fn max_in_flight(&self) -> usize {
+    /// The most commits running at once before appends queue for a group; `None`: half the
+    /// store's pool connections (at least 1).
+    pub fn max_in_flight(&self) -> Option<usize> {
         self.max_in_flight
     }
 }
 
 impl Default for GroupCommit {
-    /// 64 members, 2 commits in flight: the setting measured in `docs/benchmarks.md`.
+    /// 64 members; as many commits in flight as half the pool's connections, leaving the other
+    /// half to reads (`docs/benchmarks.md` has the measurements behind it).
     fn default() -> Self {
-        GroupCommit { max_members: 64, max_in_flight: 2 }
+        GroupCommit { max_members: 64, max_in_flight: None }
     }
 }
 
@@ -94,6 +99,8 @@ impl Default for GroupCommit {
 pub(super) struct Groups {
     pool: PgPool,
     config: Option<GroupCommit>,
+    /// `config`'s `max_in_flight`, resolved against the pool.
+    max_in_flight: usize,
     state: Mutex<State>,
 }
 
@@ -134,7 +141,9 @@ impl Drop for Slot {
 impl Groups {
     /// Appends go through `config`'s groups, or each alone with `None`.
     pub(super) fn new(pool: PgPool, config: Option<GroupCommit>) -> Arc<Self> {
-        Arc::new(Groups { pool, config, state: Mutex::default() })
+        let half_the_pool = (pool.options().get_max_connections() / 2).max(1) as usize;
+        let max_in_flight = config.and_then(|c| c.max_in_flight).unwrap_or(half_the_pool);
+        Arc::new(Groups { pool, config, max_in_flight, state: Mutex::default() })
     }
 
     pub(super) fn config(&self) -> Option<GroupCommit> {
@@ -148,12 +157,12 @@ impl Groups {
         expected: ExpectedVersion,
         batch: Vec<EncodedEvent>,
     ) -> Result<AppendResult> {
-        let Some(config) = self.config else {
+        if self.config.is_none() {
             return alone(&self.pool, stream, expected, &batch).await;
-        };
+        }
         let turn = {
             let mut state = self.lock();
-            if state.in_flight < config.max_in_flight {
+            if state.in_flight < self.max_in_flight {
                 state.in_flight += 1;
                 Turn::Now(batch)
             } else {
