@@ -53,7 +53,7 @@ pub use annal_eventstore::SqliteEventStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 #[doc(inline)]
-pub use annal_eventstore::{OpenTransaction, PgEventStore, PgTransaction};
+pub use annal_eventstore::{GroupCommit, OpenTransaction, PgEventStore, PgTransaction};
 
 #[cfg(feature = "projections")]
 #[cfg_attr(docsrs, doc(cfg(feature = "projections")))]

@@ -40,11 +40,11 @@ enum Target {
 
 /// The PostgreSQL stores of the append suites: Annal in one schema, the baseline's table made by
 /// the very same migration in another (identical columns, keys, indexes).
-async fn stores(admin: &PgPool, url: &str) -> anyhow::Result<(PgEventStore, PgPool)> {
+async fn stores(admin: &PgPool, url: &str, plan: Plan) -> anyhow::Result<(PgEventStore, PgPool)> {
     let annal_pool = schema_pool(admin, url, "bench_annal", 24).await?;
     let raw_pool = schema_pool(admin, url, "bench_raw", 24).await?;
     PgEventStore::migrate(&raw_pool).await?;
-    Ok((PgEventStore::from_pool(annal_pool).await?, raw_pool))
+    Ok((PgEventStore::from_pool(annal_pool).await?.with_group_commit(plan.group_commit), raw_pool))
 }
 
 /// PostgreSQL appends at 1, 4 and 16 writers and in 50-event batches, and the wake-up costs.
@@ -53,7 +53,7 @@ pub(crate) async fn postgres(
     url: &str,
     plan: Plan,
 ) -> anyhow::Result<(Vec<Measurement>, Vec<Throughput>)> {
-    let (store, raw_pool) = stores(admin, url).await?;
+    let (store, raw_pool) = stores(admin, url, plan).await?;
     let mut rows = Vec::new();
     let mut throughput = Vec::new();
     let shapes = [(1, 1), (4, 1), (16, 1), (1, 50), (4, 50)].map(|(writers, batch)| Shape { writers, batch });
@@ -72,6 +72,24 @@ pub(crate) async fn postgres(
             )
             .ratio_at_least(0.9)
             .note(cpu_note(annal, raw, "raw")),
+        );
+    }
+    // Group commit against each append alone, same store and pool, alternating in rounds.
+    let alone = store.clone().with_group_commit(None);
+    for writers in [4, 16] {
+        let shape = Shape { writers, batch: 1 };
+        let (without, with) =
+            alternate(&Target::Annal(alone.clone()), &Target::Annal(store.clone()), shape, plan).await?;
+        rows.push(
+            Measurement::against(
+                format!("PostgreSQL append, {writers} writers, 1-event batches, as configured against each alone"),
+                with.rate,
+                "events/s",
+                Better::Higher,
+                "Annal without group commit",
+                without.rate,
+            )
+            .note(format!("group commit {:?}; {}", store.group_commit(), cpu_note(with, without, "alone"))),
         );
     }
     // What the cross-process wake-up costs, and what the naive one would cost.
@@ -108,7 +126,7 @@ pub(crate) async fn postgres(
 /// The store has no bulk-import API: a large import is appends of large batches. This measures
 /// one writer appending 1000-event batches against `COPY` of the same rows, 1000 per `COPY`.
 pub(crate) async fn bulk(admin: &PgPool, url: &str, plan: Plan) -> anyhow::Result<Vec<Measurement>> {
-    let (store, raw_pool) = stores(admin, url).await?;
+    let (store, raw_pool) = stores(admin, url, plan).await?;
     let shape = Shape { writers: 1, batch: 1000 };
     let plan = Plan { duration: plan.duration * 2, ..plan };
     let (copy, annal) =

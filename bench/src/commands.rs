@@ -114,7 +114,8 @@ pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::R
     };
     // Annal as a user connects it: `PgEventStore::connect`, its own pool, the schema on the URL.
     schema_pool(admin, url, "bench_commands", 1).await?.close().await;
-    let store = PgEventStore::connect(&with_search_path(url, "bench_commands")).await?;
+    let store =
+        PgEventStore::connect(&with_search_path(url, "bench_commands")).await?.with_group_commit(plan.group_commit);
     let raw = schema_pool(admin, url, "bench_commands_raw", 16).await?;
     PgEventStore::migrate(&raw).await?;
     let mut rows = Vec::new();

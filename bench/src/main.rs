@@ -24,6 +24,7 @@ mod store;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use annal_eventstore::GroupCommit;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 
@@ -52,6 +53,26 @@ struct Args {
     /// Run only these suites (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Suite>,
+    /// Group commit of the appends and commands suites' stores: `default`, `off`, or
+    /// `MEMBERS,IN_FLIGHT` (see `GroupCommit::new`).
+    #[arg(long, default_value = "default", value_parser = parse_group_commit)]
+    group_commit: Grouping,
+}
+
+/// The `--group-commit` setting.
+#[derive(Clone, Copy, Debug)]
+struct Grouping(Option<GroupCommit>);
+
+fn parse_group_commit(text: &str) -> Result<Grouping, String> {
+    match text {
+        "default" => Ok(Grouping(Some(GroupCommit::default()))),
+        "off" => Ok(Grouping(None)),
+        _ => {
+            let (members, in_flight) = text.split_once(',').ok_or("expected default, off or MEMBERS,IN_FLIGHT")?;
+            let number = |n: &str| n.trim().parse::<usize>().map_err(|e| format!("{n:?}: {e}"));
+            GroupCommit::new(number(members)?, number(in_flight)?).map(|g| Grouping(Some(g))).map_err(|e| e.to_string())
+        }
+    }
 }
 
 /// A group of measurements.
@@ -94,6 +115,8 @@ pub(crate) struct Plan {
     pub(crate) fanout_duration: Duration,
     /// Loads of the aggregate, per side.
     pub(crate) aggregate_loads: u32,
+    /// Group commit of the appends and commands suites' stores.
+    pub(crate) group_commit: Option<GroupCommit>,
 }
 
 impl Plan {
@@ -107,6 +130,7 @@ impl Plan {
                 rebuild_events: 100_000,
                 fanout_duration: Duration::from_secs(5),
                 aggregate_loads: 20,
+                group_commit: args.group_commit.0,
             }
         } else {
             Plan {
@@ -117,6 +141,7 @@ impl Plan {
                 rebuild_events: 1_000_000,
                 fanout_duration: Duration::from_secs(15),
                 aggregate_loads: 100,
+                group_commit: args.group_commit.0,
             }
         }
     }

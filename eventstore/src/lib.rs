@@ -111,7 +111,7 @@ pub use async_trait::async_trait;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 #[doc(inline)]
-pub use crate::postgres::{OpenTransaction, PgEventStore, PgTransaction};
+pub use crate::postgres::{GroupCommit, OpenTransaction, PgEventStore, PgTransaction};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 #[doc(inline)]

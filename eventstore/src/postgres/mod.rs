@@ -1,5 +1,6 @@
 //! The PostgreSQL backend, for production.
 
+mod group;
 mod notify;
 mod predicate;
 
@@ -24,6 +25,8 @@ use crate::{
     Result, Snapshot, StreamName,
 };
 
+pub use group::GroupCommit;
+use group::Groups;
 use notify::Announcer;
 
 /// How often an append retries when a concurrent writer takes the version it computed while
@@ -39,6 +42,9 @@ const APPEND_RETRIES: usize = 50;
 ///
 /// Subscribers in this process are woken directly after an append; other processes are woken
 /// by one coalesced `NOTIFY` per process, sent after commit outside the append's transaction.
+///
+/// Concurrent appends to different streams share commits ([`GroupCommit`], on by default; see
+/// [`with_group_commit`](PgEventStore::with_group_commit)).
 ///
 /// Cloning is cheap; clones share the pool and the background tasks, which stop when the last
 /// clone is dropped.
@@ -56,6 +62,7 @@ pub struct PgEventStore {
     pool: PgPool,
     notifier: Notifier,
     announcer: Arc<Announcer>,
+    groups: Arc<Groups>,
     max_event_size: usize,
 }
 
@@ -105,7 +112,8 @@ impl PgEventStore {
     fn without_migrating(pool: PgPool) -> Self {
         let notifier = Notifier::new();
         let announcer = Arc::new(Announcer::start(pool.clone(), notifier.clone()));
-        PgEventStore { pool, notifier, announcer, max_event_size: DEFAULT_MAX_EVENT_SIZE }
+        let groups = Groups::new(pool.clone(), Some(GroupCommit::default()));
+        PgEventStore { pool, notifier, announcer, groups, max_event_size: DEFAULT_MAX_EVENT_SIZE }
     }
 
     /// Checks, without writing, that every migration of `migrator` (the store's, a projection
@@ -140,6 +148,42 @@ impl PgEventStore {
     pub fn with_max_event_size(mut self, bytes: usize) -> Self {
         self.max_event_size = bytes;
         self
+    }
+
+    /// How concurrent appends share commits: `Some` groups them (the default is
+    /// [`GroupCommit::default`]), `None` commits each append alone.
+    ///
+    /// With grouping, an append that finds `max_in_flight` commits running waits for one of them
+    /// to end and is then committed with every append that queued meanwhile, in one transaction:
+    /// one commit for many appends. Each keeps its own expected-version check and its own result,
+    /// exactly as alone (a conflict or a duplicate fails only its own append); see
+    /// `docs/ordering.md`, "Group commit", for what bounds it. Appends in a [`PgTransaction`] are
+    /// never grouped. Applies to this store and the clones made from it afterwards.
+    ///
+    /// ```no_run
+    /// use annal_eventstore::{GroupCommit, PgEventStore};
+    ///
+    /// # async fn example() -> annal_eventstore::Result<()> {
+    /// let store = PgEventStore::connect("postgres://localhost/app").await?;
+    /// let alone = store.clone().with_group_commit(None);
+    /// let wide = store.with_group_commit(Some(GroupCommit::new(128, 4)?));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_group_commit(mut self, grouping: Option<GroupCommit>) -> Self {
+        self.groups = Groups::new(self.pool.clone(), grouping);
+        self
+    }
+
+    /// The group-commit setting appends use now.
+    pub fn group_commit(&self) -> Option<GroupCommit> {
+        self.groups.config()
+    }
+
+    /// How many appends are waiting for a commit slot right now (always 0 without group commit):
+    /// a gauge for monitoring.
+    pub fn queued_appends(&self) -> usize {
+        self.groups.queued()
     }
 
     /// Whether appends wake subscribers in other processes with a `NOTIFY` (default on).
@@ -525,8 +569,7 @@ impl EventStore for PgEventStore {
     ) -> Result<AppendResult> {
         crate::metrics::append("postgres", stream, events.len(), async {
             let encoded = encode_batch(events, self.max_event_size)?;
-            let mut conn = self.pool.acquire().await?;
-            let result = append_on(&mut conn, false, stream, expected, &encoded).await?;
+            let result = self.groups.append(stream, expected, encoded).await?;
             self.committed(result.position());
             Ok(result)
         })
