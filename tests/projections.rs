@@ -367,6 +367,9 @@ async fn append(events: &dyn EventStore, category: &str, streams: usize, count: 
         ids.push(event.id);
         last = events.append(&stream, ExpectedVersion::Any, vec![event]).await.unwrap().position();
     }
+    // Tests read the log right after: on PostgreSQL, wait until other tests' transactions let
+    // every event be seen.
+    support::visible(events, last).await;
     (ids, last)
 }
 

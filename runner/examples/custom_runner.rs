@@ -1,6 +1,7 @@
 //! Your own runner binary: Rust projections beside the configured SQL ones, with the same
 //! command line as `annal-runner` (run, status, rebuild, dead-letters, migrate, check). Its
-//! configuration, `custom_runner.toml` beside it, puts the database in the working directory.
+//! configuration, `custom_runner.toml` beside it, puts the database beside itself (a relative
+//! SQLite path is relative to the configuration's directory).
 //!
 //! ```text
 //! cargo run -p annal-runner --example custom_runner -- --config runner/examples/custom_runner.toml run

@@ -41,10 +41,11 @@ fn shipped_config() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_custom_runner_example_runs_reports_and_rebuilds_its_rust_projection() {
-    // The shipped file, as the docs run it; its database is relative to the working directory,
-    // so the example runs in a fresh one (and serves HTTP on a free port, not the default).
+    // The shipped file, as the docs run it; its database is relative to the file's directory,
+    // so the test runs a copy in a fresh one (and serves HTTP on a free port, not the default).
     let dir = tempfile::tempdir().unwrap();
-    let config = shipped_config();
+    let config = dir.path().join("custom_runner.toml");
+    std::fs::copy(shipped_config(), &config).unwrap();
     let db = dir.path().join("custom_runner.db");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let store = SqliteEventStore::open(&db).await.unwrap();

@@ -6,7 +6,7 @@
 /// Every test that reads the global log right after writing must wait so: on PostgreSQL a
 /// committed event becomes visible only once every older transaction in the cluster has ended
 /// (docs/ordering.md), and tests running beside it on the same server hold transactions open.
-pub async fn visible<S: annal::EventStore>(store: &S, position: annal::Position) -> annal::Position {
+pub async fn visible<S: annal::EventStore + ?Sized>(store: &S, position: annal::Position) -> annal::Position {
     let mut wakeup = store.wakeup();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
