@@ -160,6 +160,7 @@ async fn the_console_in_chromium() {
         "--disable-component-update",
         "--disable-sync",
         "--no-first-run",
+        "--window-size=1100,900",
         &format!("--user-data-dir={}", profile.display()),
     ];
     let capabilities = json!({ "capabilities": { "alwaysMatch": {
@@ -219,6 +220,15 @@ async fn the_console_in_chromium() {
     browser
         .until("the paused row", "return document.querySelector('#projections tbody').textContent.includes('paused')")
         .await;
+    // `ANNAL_CONSOLE_SCREENSHOT=docs/console.png` keeps this state as the docs' picture.
+    if let Ok(path) = std::env::var("ANNAL_CONSOLE_SCREENSHOT") {
+        use base64::Engine;
+        let (status, shot) = http(&browser.driver, "GET", &format!("/session/{}/screenshot", browser.session), None)
+            .expect("the screenshot");
+        assert_eq!(status, 200, "{shot}");
+        let png = base64::engine::general_purpose::STANDARD.decode(shot["value"].as_str().unwrap()).unwrap();
+        std::fs::write(&path, png).unwrap();
+    }
     browser.run("document.querySelector('.control[data-projection=ledger] .resume').click()");
     browser
         .until("resumed", "return document.querySelector('.control[data-projection=ledger]').dataset.paused === 'no'")
