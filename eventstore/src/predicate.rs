@@ -93,6 +93,7 @@ pub enum Comparison {
 
 impl Comparison {
     /// The operator's SQL spelling (the same in every dialect).
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
     pub(crate) fn sql(self) -> &'static str {
         match self {
             Comparison::Lt => "<",

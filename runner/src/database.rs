@@ -66,6 +66,9 @@ impl Database {
     /// and the cause, such as "connection refused". A relative SQLite path is taken relative to
     /// `base`, the configuration file's directory, and must exist unless `access` migrates.
     pub(crate) async fn connect(url: &str, base: &std::path::Path, access: Access) -> Result<Self> {
+        // Only SQLite paths are relative to it.
+        #[cfg(not(feature = "sqlite"))]
+        let _ = base;
         #[cfg(feature = "postgres")]
         if url.starts_with("postgres") {
             use std::str::FromStr;
@@ -228,7 +231,6 @@ impl Database {
 
 /// The runner's error for a schema that is not up to date, naming `target` and what to do; any
 /// other error given back.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
 fn not_migrated(target: &str, error: annal_eventstore::Error) -> std::result::Result<Error, annal_eventstore::Error> {
     match error {
         annal_eventstore::Error::NotMigrated { .. } => {
