@@ -73,8 +73,8 @@ fn with_id<'a>(args: &[&'a str], id: &'a str) -> Vec<&'a str> {
     args.iter().map(|a| if *a == "ID" { id } else { a }).collect()
 }
 
-/// The first line `tail --from-start` prints, then SIGTERM.
-fn tail_first_line(cwd: &Path, config: &Path) -> std::io::Result<String> {
+/// The first `n` lines `tail --from-start` prints (fewer if it ends first); then it is killed.
+fn tail_lines(cwd: &Path, config: &Path, n: usize) -> std::io::Result<Vec<String>> {
     let mut child = local::KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_annal-runner"))
             .current_dir(cwd)
@@ -85,9 +85,51 @@ fn tail_first_line(cwd: &Path, config: &Path) -> std::io::Result<String> {
             .stderr(Stdio::null())
             .spawn()?,
     );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line)?;
-    Ok(line)
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    while lines.len() < n {
+        let mut line = String::new();
+        if out.read_line(&mut line)? == 0 {
+            break;
+        }
+        lines.push(line);
+    }
+    Ok(lines)
+}
+
+/// The first line `tail --from-start` prints (empty if it prints none).
+fn tail_first_line(cwd: &Path, config: &Path) -> std::io::Result<String> {
+    Ok(tail_lines(cwd, config, 1)?.pop().unwrap_or_default())
+}
+
+/// Runs `annal-runner run` until `parked` finds a dead letter's id, then stops it with SIGTERM
+/// (it must exit cleanly) and returns that id.
+async fn run_until_parked<F, Fut>(config: &Path, mut parked: F) -> String
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<i64>>,
+{
+    let mut run = local::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_annal-runner"))
+            .arg("-c")
+            .arg(config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let id = loop {
+        if let Some(id) = parked().await {
+            break id.to_string();
+        }
+        assert!(Instant::now() < deadline, "the poison deposit was never parked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(Command::new("kill").arg("-TERM").arg(run.0.id().to_string()).status().unwrap().success());
+    assert!(run.0.wait().unwrap().success());
+    id
 }
 
 #[test]
@@ -167,28 +209,10 @@ async fn read_only_commands_work_from_anywhere_and_leave_the_file_as_it_was() {
     let store = SqliteEventStore::open(&file).await.unwrap();
     local::deposit(&store, &local::account(1), &[5, -1, 7]).await;
     // A run parks the poison deposit, so that there is a dead letter to list and show.
-    let mut run = local::KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_annal-runner"))
-            .arg("-c")
-            .arg(&config)
-            .arg("run")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let id = loop {
-        let dead: Option<i64> =
-            sqlx::query_scalar("SELECT min(id) FROM annal_dead_letters").fetch_one(store.writer()).await.unwrap();
-        if let Some(id) = dead {
-            break id.to_string();
-        }
-        assert!(Instant::now() < deadline, "the poison deposit was never parked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(Command::new("kill").arg("-TERM").arg(run.0.id().to_string()).status().unwrap().success());
-    assert!(run.0.wait().unwrap().success());
+    let id = run_until_parked(&config, || async {
+        sqlx::query_scalar("SELECT min(id) FROM annal_dead_letters").fetch_one(store.writer()).await.unwrap()
+    })
+    .await;
     store.close().await;
     let wal = home.path().join("shop.db-wal");
     let wal_bytes = || std::fs::read(&wal).unwrap_or_default();
@@ -241,25 +265,9 @@ fn unreadable_in_its_place(cwd: &Path, config: &Path) {
     assert_eq!(lines.len(), 2, "{read}");
     assert!(lines[0]["unreadable"].is_string() && lines[0]["version"] == 0, "{read}");
     assert_eq!(lines[1]["data"]["amount"], 5, "{read}");
-    let mut child = local::KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_annal-runner"))
-            .current_dir(cwd)
-            .arg("-c")
-            .arg(config)
-            .args(["tail", "--from-start"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let mut tail = Vec::new();
-    for _ in 0..2 {
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        assert!(!line.is_empty(), "tail ended after {tail:?}");
-        tail.push(serde_json::from_str::<Value>(&line).unwrap());
-    }
+    let lines = tail_lines(cwd, config, 2).unwrap();
+    assert_eq!(lines.len(), 2, "tail ended after {lines:?}");
+    let tail: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(tail[0]["unreadable"].is_string() && tail[1]["data"]["amount"] == 5, "{tail:?}");
 }
 
@@ -342,28 +350,10 @@ mod postgres {
         let s = StreamName::new("account-1").unwrap();
         let deposits = [5, -1, 7].map(|amount| NewEvent::new("Deposited", json!({ "amount": amount })));
         events.append(&s, ExpectedVersion::NoStream, deposits.to_vec()).await.unwrap();
-        let mut run = local::KillOnDrop(
-            Command::new(env!("CARGO_BIN_EXE_annal-runner"))
-                .arg("-c")
-                .arg(&admin)
-                .arg("run")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let id = loop {
-            let dead: Option<i64> =
-                sqlx::query_scalar("SELECT min(id)::bigint FROM annal_dead_letters").fetch_one(&pool).await.unwrap();
-            if let Some(id) = dead {
-                break id.to_string();
-            }
-            assert!(Instant::now() < deadline, "the poison deposit was never parked");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        assert!(Command::new("kill").arg("-TERM").arg(run.0.id().to_string()).status().unwrap().success());
-        assert!(run.0.wait().unwrap().success());
+        let id = run_until_parked(&admin, || async {
+            sqlx::query_scalar("SELECT min(id)::bigint FROM annal_dead_letters").fetch_one(&pool).await.unwrap()
+        })
+        .await;
         let reader = config(dir.path(), "reader", &reader(&pool, &schema, &url).await);
         for args in READ_ONLY {
             let out = ok(&annal(dir.path(), &reader, &with_id(args, &id)));
