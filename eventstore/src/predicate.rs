@@ -113,6 +113,30 @@ impl Comparison {
     }
 }
 
+/// Appends `items` joined by `separator` in parentheses, each compiled by the dialect's `push`,
+/// or `empty` (the dialect's true or false) for none: an `AND` or `OR` in either dialect.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn push_list<DB: sqlx::Database>(
+    q: &mut sqlx::QueryBuilder<DB>,
+    items: &[Predicate],
+    separator: &str,
+    empty: &str,
+    push: fn(&mut sqlx::QueryBuilder<DB>, &Predicate),
+) {
+    if items.is_empty() {
+        q.push(empty);
+        return;
+    }
+    q.push("(");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            q.push(separator);
+        }
+        push(q, item);
+    }
+    q.push(")");
+}
+
 impl Predicate {
     /// The value at `path` equals `value` (a string, number, boolean or [`Scalar::Null`]).
     pub fn eq<P: IntoIterator<Item = S>, S: AsRef<str>>(path: P, value: impl Into<Scalar>) -> Self {

@@ -4,6 +4,7 @@
 
 use sqlx::{Postgres, QueryBuilder};
 
+use crate::predicate::push_list;
 use crate::{Predicate, Scalar};
 
 /// Appends ` AND <predicate>` for the filter's condition on the data, if it has one.
@@ -36,8 +37,8 @@ fn push(q: &mut QueryBuilder<Postgres>, predicate: &Predicate) {
             Scalar::Number(n) => number(q, path, "=", *n),
         },
         Predicate::Compare { path, op, value } => number(q, path, op.sql(), *value),
-        Predicate::And(all) => list(q, all, " AND ", "true"),
-        Predicate::Or(any) => list(q, any, " OR ", "false"),
+        Predicate::And(all) => push_list(q, all, " AND ", "true", push),
+        Predicate::Or(any) => push_list(q, any, " OR ", "false", push),
         Predicate::Not(inner) => {
             q.push("NOT ");
             push(q, inner);
@@ -63,19 +64,4 @@ fn number(q: &mut QueryBuilder<Postgres>, path: &[String], op: &str, value: f64)
     q.push(") = 'number' THEN ");
     value_at(q, path);
     q.push(format_args!("::float8 {op} ")).push_bind(value).push("::float8 END, false)");
-}
-
-fn list(q: &mut QueryBuilder<Postgres>, items: &[Predicate], separator: &str, empty: &str) {
-    if items.is_empty() {
-        q.push(empty);
-        return;
-    }
-    q.push("(");
-    for (i, item) in items.iter().enumerate() {
-        if i > 0 {
-            q.push(separator);
-        }
-        push(q, item);
-    }
-    q.push(")");
 }

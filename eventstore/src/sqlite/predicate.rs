@@ -3,6 +3,7 @@
 
 use sqlx::{QueryBuilder, Sqlite};
 
+use crate::predicate::push_list;
 use crate::{Predicate, Scalar};
 
 /// Appends ` AND <predicate>` for the filter's condition on the data, if it has one.
@@ -29,8 +30,8 @@ fn push(q: &mut QueryBuilder<Sqlite>, predicate: &Predicate) {
             Scalar::Number(n) => number(q, path, "=", *n),
         },
         Predicate::Compare { path, op, value } => number(q, path, op.sql(), *value),
-        Predicate::And(all) => list(q, all, " AND ", "1"),
-        Predicate::Or(any) => list(q, any, " OR ", "0"),
+        Predicate::And(all) => push_list(q, all, " AND ", "1", push),
+        Predicate::Or(any) => push_list(q, any, " OR ", "0", push),
         Predicate::Not(inner) => {
             q.push("NOT ");
             push(q, inner);
@@ -50,21 +51,6 @@ fn number(q: &mut QueryBuilder<Sqlite>, path: &[String], op: &str, value: f64) {
     q.push("COALESCE(json_type(data, ").push_bind(json_path(path));
     q.push(") IN ('integer', 'real') AND CAST(json_extract(data, ").push_bind(json_path(path));
     q.push(format_args!(") AS REAL) {op} ")).push_bind(value).push(", 0)");
-}
-
-fn list(q: &mut QueryBuilder<Sqlite>, items: &[Predicate], separator: &str, empty: &str) {
-    if items.is_empty() {
-        q.push(empty);
-        return;
-    }
-    q.push("(");
-    for (i, item) in items.iter().enumerate() {
-        if i > 0 {
-            q.push(separator);
-        }
-        push(q, item);
-    }
-    q.push(")");
 }
 
 /// SQLite's JSON path for a list of keys: each one a quoted label, escaped as a JSON string is
