@@ -393,17 +393,25 @@ pub struct UnreadableEvent {
     pub reason: String,
 }
 
-/// Decodes rows in order, up to the first one that cannot be decoded: a page stops before an
-/// unreadable event, so that the next read starts at it and reports it alone. Returns the events
-/// and whether one stopped them; the unreadable event's error when it is the very first row.
+/// Decodes rows in order as they arrive, up to the first one that cannot be decoded: a page
+/// stops before an unreadable event, so that the next read starts at it and reports it alone.
+/// Returns the events and whether one stopped them; the unreadable event's error when it is the
+/// very first row.
+///
+/// Each row is decoded while the database is still producing and sending the next ones, not
+/// after the whole page has arrived: the client's decoding overlaps the server's work.
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
-pub(crate) fn decode_rows<R>(
-    rows: &[R],
+pub(crate) async fn decode_rows<R>(
+    rows: impl futures::Stream<Item = std::result::Result<R, sqlx::Error>>,
+    limit: usize,
     decode: impl Fn(&R) -> Result<RecordedEvent>,
 ) -> Result<(Vec<RecordedEvent>, bool)> {
-    let mut events = Vec::with_capacity(rows.len());
-    for row in rows {
-        match decode(row) {
+    use futures::TryStreamExt;
+    let mut rows = std::pin::pin!(rows);
+    // The limit is the caller's, possibly huge; room for a default page at first.
+    let mut events = Vec::with_capacity(limit.min(crate::DEFAULT_PAGE_SIZE));
+    while let Some(row) = rows.try_next().await? {
+        match decode(&row) {
             Ok(event) => events.push(event),
             Err(Error::Unreadable(_)) if !events.is_empty() => return Ok((events, true)),
             Err(error) => return Err(error),
@@ -436,22 +444,25 @@ impl UnreadableEvent {
 /// A stored event's columns as the SQL backends fetch them, before the store's rules are
 /// applied: the one place both decode, so they accept and refuse the same rows.
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
-pub(crate) struct StoredEvent {
+///
+/// The text columns borrow from the row: a readable event copies only what it keeps (the stream
+/// name and event type), never the JSON text it parses.
+pub(crate) struct StoredEvent<'r> {
     pub(crate) position: Position,
     /// The first column that could not even be fetched as its type, and why.
     pub(crate) problem: Option<String>,
     pub(crate) id: Option<Uuid>,
-    pub(crate) stream: String,
+    pub(crate) stream: &'r str,
     pub(crate) version: i64,
-    pub(crate) event_type: String,
+    pub(crate) event_type: &'r str,
     pub(crate) schema_version: i64,
-    pub(crate) data: String,
-    pub(crate) metadata: String,
+    pub(crate) data: &'r str,
+    pub(crate) metadata: &'r str,
     pub(crate) recorded_at: Option<DateTime<Utc>>,
 }
 
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
-impl StoredEvent {
+impl StoredEvent<'_> {
     /// Fetches column `name` of a row, noting the first column that cannot be fetched in
     /// `problem` (and returning the type's default for it).
     pub(crate) fn column<T: Default>(
@@ -473,10 +484,10 @@ impl StoredEvent {
                 position: self.position,
                 version: u64::try_from(self.version).unwrap_or_default(),
                 id: self.id,
-                stream: self.stream,
-                event_type: self.event_type,
-                data: self.data,
-                metadata: self.metadata,
+                stream: self.stream.to_owned(),
+                event_type: self.event_type.to_owned(),
+                data: self.data.to_owned(),
+                metadata: self.metadata.to_owned(),
                 reason,
             }))),
         }
@@ -487,22 +498,22 @@ impl StoredEvent {
             return Err(problem.clone());
         }
         let id = self.id.ok_or("no event id")?;
-        let stream = StreamName::new(&self.stream).map_err(|e| e.to_string())?;
+        let stream = StreamName::new(self.stream).map_err(|e| e.to_string())?;
         let version = u64::try_from(self.version).map_err(|_| format!("negative version {}", self.version))?;
-        validate_event_type(&self.event_type).map_err(|e| e.to_string())?;
+        validate_event_type(self.event_type).map_err(|e| e.to_string())?;
         let schema_version = u32::try_from(self.schema_version)
             .ok()
             .filter(|v| *v <= MAX_SCHEMA_VERSION)
             .ok_or_else(|| format!("schema version {} is outside 0..=2147483647", self.schema_version))?;
-        let data = serde_json::from_str(&self.data).map_err(|e| format!("data: {e}"))?;
-        let metadata = serde_json::from_str(&self.metadata).map_err(|e| format!("metadata: {e}"))?;
+        let data = serde_json::from_str(self.data).map_err(|e| format!("data: {e}"))?;
+        let metadata = serde_json::from_str(self.metadata).map_err(|e| format!("metadata: {e}"))?;
         let recorded_at = self.recorded_at.ok_or("recorded_at is out of range")?;
         Ok(RecordedEvent {
             id,
             stream,
             version,
             position: self.position,
-            event_type: self.event_type.clone(),
+            event_type: self.event_type.to_owned(),
             schema_version,
             data,
             metadata,

@@ -34,7 +34,8 @@ macro_rules! suite {
             positions_past_the_head_read_nothing, a_limit_of_zero_is_an_argument_error,
             forty_concurrent_appenders_in_every_mode, a_retry_racing_a_conflicting_append_ends_one_way,
             generated_events_round_trip_as_in_memory, content_filters_select_as_in_memory,
-            content_filter_values_are_bound_not_spliced, content_filtered_subscriptions_get_exactly_their_events);
+            content_filter_values_are_bound_not_spliced, content_filtered_subscriptions_get_exactly_their_events,
+            subscriptions_in_pages_of_any_size_deliver_the_log_once_in_order);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
         $(
@@ -470,6 +471,47 @@ pub(crate) async fn subscription_catches_up_then_follows_live<S: EventStore + Cl
     assert_eq!((e.stream.as_str(), e.version, e.position), ("live-1", 5, later.position()));
     let seen = tokio::time::timeout(PATIENCE, live_only).await.expect("live event not delivered").unwrap();
     assert_eq!((seen.version, seen.position), (5, later.position()));
+}
+
+/// Page boundaries, the read-ahead of a catching-up subscription and the switch to following
+/// live: whatever the page size, every selected event arrives once, in the log's order.
+pub(crate) async fn subscriptions_in_pages_of_any_size_deliver_the_log_once_in_order<
+    S: EventStore + Clone + 'static,
+>(
+    store: S,
+) {
+    let mut n = 0;
+    for (i, size) in [1, 4, 2, 7, 3, 8].into_iter().enumerate() {
+        let name = stream(&format!("{}-{i}", if i % 3 == 0 { "other" } else { "paged" }));
+        store.append(&name, ExpectedVersion::NoStream, events(n..n + size)).await.unwrap();
+        n += size;
+    }
+    let key = |e: &RecordedEvent| (e.position, e.id);
+    let live = stream("paged-live");
+    let mut subs = Vec::new();
+    for page_size in 1..=9 {
+        for filter in [Filter::all(), Filter::categories(["paged"])] {
+            let options = SubscriptionOptions::default().page_size(page_size);
+            subs.push((page_size, filter.clone(), store.subscribe_with(Position::START, filter, options)));
+        }
+    }
+    let log = all_events(&store).await;
+    for (page_size, filter, sub) in &mut subs {
+        let expected: Vec<_> = log.iter().filter(|e| filter.matches(e)).map(key).collect();
+        let mut got = Vec::new();
+        for _ in 0..expected.len() {
+            got.push(key(&next_event(sub).await));
+        }
+        assert_eq!(got, expected, "pages of {page_size}, {filter:?}, catching up");
+    }
+    // Caught up: what comes next is live, and arrives once, after the history.
+    let appended = store.append(&live, ExpectedVersion::NoStream, events(0..3)).await.unwrap();
+    for (page_size, filter, sub) in &mut subs {
+        for position in &appended.positions {
+            let event = next_event(sub).await;
+            assert_eq!(event.position, *position, "pages of {page_size}, {filter:?}, live");
+        }
+    }
 }
 
 pub(crate) async fn slow_subscriber_does_not_block_writers<S: EventStore + Clone + 'static>(store: S) {

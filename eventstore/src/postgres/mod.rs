@@ -510,25 +510,28 @@ fn position(tx_id: i64, seq: i64) -> Position {
     Position::new(to_u64(tx_id), to_u64(seq))
 }
 
+/// Decodes a row of [`select_events!`], its columns taken by index (in the macro's order): a
+/// lookup by name costs a search of the column names for every column of every row.
 fn decode(row: &PgRow) -> Result<RecordedEvent> {
-    let position = position(row.try_get("tx_id")?, row.try_get("seq")?);
+    let position = position(row.try_get(0)?, row.try_get(1)?);
     let mut problem = None;
     let p = &mut problem;
     StoredEvent {
         position,
-        id: StoredEvent::column(p, "event_id", row.try_get::<Uuid, _>("event_id").map(Some)),
-        stream: StoredEvent::column(p, "stream", row.try_get("stream")),
-        version: StoredEvent::column(p, "version", row.try_get("version")),
-        event_type: StoredEvent::column(p, "event_type", row.try_get("event_type")),
-        schema_version: i64::from(StoredEvent::column::<i32>(p, "schema_version", row.try_get("schema_version"))),
-        data: StoredEvent::column(p, "data", row.try_get("data")),
-        metadata: StoredEvent::column(p, "metadata", row.try_get("metadata")),
-        recorded_at: StoredEvent::column(p, "recorded_at", row.try_get::<DateTime<Utc>, _>("recorded_at").map(Some)),
+        id: StoredEvent::column(p, "event_id", row.try_get::<Uuid, _>(2).map(Some)),
+        stream: StoredEvent::column(p, "stream", row.try_get(3)),
+        version: StoredEvent::column(p, "version", row.try_get(4)),
+        event_type: StoredEvent::column(p, "event_type", row.try_get(5)),
+        schema_version: i64::from(StoredEvent::column::<i32>(p, "schema_version", row.try_get(6))),
+        data: StoredEvent::column(p, "data", row.try_get(7)),
+        metadata: StoredEvent::column(p, "metadata", row.try_get(8)),
+        recorded_at: StoredEvent::column(p, "recorded_at", row.try_get::<DateTime<Utc>, _>(9).map(Some)),
         problem,
     }
     .decode()
 }
 
+/// The columns [`decode`] takes by index, in this order.
 macro_rules! select_events {
     () => {
         "SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data::text AS data, \
@@ -611,8 +614,7 @@ impl EventStore for PgEventStore {
         q.push(format_args!(") AND tx_id < {HORIZON}"));
         push_selection(&mut q, filter);
         q.push(" ORDER BY tx_id, seq LIMIT ").push_bind(to_i64(limit as u64));
-        let rows = q.build().fetch_all(&self.pool).await?;
-        let (events, stopped) = decode_rows(&rows, decode)?;
+        let (events, stopped) = decode_rows(q.build().fetch(&self.pool), limit, decode).await?;
         Ok(Page::after(from, events, limit, head_before, stopped))
     }
 

@@ -441,8 +441,7 @@ impl EventStore for SqliteEventStore {
         push_partition(&mut q, filter);
         predicate::push_data(&mut q, filter.data());
         q.push(" ORDER BY position LIMIT ").push_bind(to_i64(limit as u64));
-        let rows = q.build().fetch_all(&self.readers).await?;
-        let (events, stopped) = decode_rows(&rows, decode)?;
+        let (events, stopped) = decode_rows(q.build().fetch(&self.readers), limit, decode).await?;
         Ok(Page::after(from, events, limit, head_before, stopped))
     }
 
