@@ -443,10 +443,10 @@ impl UnreadableEvent {
 
 /// A stored event's columns as the SQL backends fetch them, before the store's rules are
 /// applied: the one place both decode, so they accept and refuse the same rows.
-#[cfg(any(feature = "postgres", feature = "sqlite"))]
 ///
 /// The text columns borrow from the row: a readable event copies only what it keeps (the stream
 /// name and event type), never the JSON text it parses.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) struct StoredEvent<'r> {
     pub(crate) position: Position,
     /// The first column that could not even be fetched as its type, and why.
