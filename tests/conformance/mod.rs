@@ -473,8 +473,9 @@ pub(crate) async fn subscription_catches_up_then_follows_live<S: EventStore + Cl
     assert_eq!((seen.version, seen.position), (5, later.position()));
 }
 
-/// Page boundaries, the read-ahead of a catching-up subscription and the switch to following
-/// live: whatever the page size, every selected event arrives once, in the log's order.
+/// Page boundaries while catching up (many subscriptions at once, so that none may hold the
+/// readers' connections) and the switch to following live: whatever the page size, every
+/// selected event arrives once, in the log's order.
 pub(crate) async fn subscriptions_in_pages_of_any_size_deliver_the_log_once_in_order<
     S: EventStore + Clone + 'static,
 >(
