@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use annal::projections::{
-    Applied, DedupStore, Delivery, Error, OnFailure, Projection, ProjectionRunner, ProjectionStore, RetryPolicy, Tx,
-    WorkerOptions, retry_dead_letter,
+    Applied, DedupStore, Delivery, Error, OnFailure, Park, Projection, ProjectionRunner, ProjectionStore, RetryPolicy,
+    Tx, WorkerOptions, retry_dead_letter,
 };
 use annal::{BoxError, EventStore, ExpectedVersion, Filter, NewEvent, Position, RecordedEvent, StreamName};
 use serde_json::json;
@@ -269,6 +269,7 @@ backends!(
     a_paused_projection_is_let_go_and_resumes_exactly,
     a_reset_under_a_caught_up_worker_is_noticed_without_new_events,
     the_control_record_is_the_same_on_every_store,
+    a_batch_behind_a_dead_letter_is_refused_by_the_store,
 );
 
 /// Panics on one event, every time; applies the others into the ledger.
@@ -733,6 +734,45 @@ async fn a_writer_that_lost_its_lease_writes_nothing(backend: Backend) {
     let applied = store.apply(&ledger, 0, Position::START, last, &page.events, Some(&new)).await.unwrap();
     assert!(matches!(applied, Applied::Committed), "{applied:?}");
     assert_eq!(store.checkpoint("fenced", 0).await.unwrap().unwrap().position, last);
+}
+
+/// The store itself refuses a batch with an event of a stream that has a dead letter of the
+/// projection's partition, whoever parked it and whenever: a worker needs no lookup of its own
+/// before each batch, and a dead letter parked after it looked (another process, a takeover)
+/// still holds its stream's later events back. Dead letters of other projections, and of the
+/// same streams' earlier history once retried, do not.
+async fn a_batch_behind_a_dead_letter_is_refused_by_the_store(backend: Backend) {
+    let store = &*backend.store;
+    let ledger = Ledger::new("gate");
+    let other = Ledger::new("gate_other");
+    // Streams order-0 and order-1, alternating: 0, 1, 0, 1, 0, 1, 0.
+    let (_, last) = append(&*backend.events, "order", 2, 7).await;
+    let events = backend.events.read_all_page(Position::START, &Filter::all(), 10).await.unwrap().events;
+    let first = &events[0];
+    let park = Park { event: first, error: "poison", attempts: 3 };
+    assert!(store.park("gate", 0, Position::START, park, None).await.unwrap());
+    // The same event parked by another projection: it holds back that projection only.
+    assert!(store.park("gate_other", 0, Position::START, park, None).await.unwrap());
+    let rest = &events[1..];
+    let applied = store.apply(&ledger, 0, first.position, last, rest, None).await.unwrap();
+    assert!(matches!(applied, Applied::Blocked), "{} applied a batch behind a dead letter: {applied:?}", backend.kind);
+    assert_eq!(store.checkpoint("gate", 0).await.unwrap().unwrap().position, first.position, "nothing moved");
+    assert!(backend.ledger(&Arc::new(ledger)).await.is_empty(), "nothing applied");
+    // A batch of the other stream only goes through.
+    let ledger = Ledger::new("gate");
+    let unblocked: Vec<RecordedEvent> = rest.iter().filter(|e| e.stream != first.stream).cloned().collect();
+    let to = unblocked.last().unwrap().position;
+    let applied = store.apply(&ledger, 0, first.position, to, &unblocked, None).await.unwrap();
+    assert!(matches!(applied, Applied::Committed), "{applied:?}");
+    // Once the dead letter is gone (retried or skipped), its stream flows again.
+    let dead = store.dead_letters("gate").await.unwrap();
+    assert!(store.remove_dead_letter("gate", dead[0].id).await.unwrap());
+    let blocked_before: Vec<RecordedEvent> = events.iter().filter(|e| e.position > to).cloned().collect();
+    let applied = store.apply(&ledger, 0, to, last, &blocked_before, None).await.unwrap();
+    assert!(matches!(applied, Applied::Committed), "{applied:?}");
+    // The other projection is still held back on its own dead letter.
+    let applied = store.apply(&other, 0, first.position, last, rest, None).await.unwrap();
+    assert!(matches!(applied, Applied::Blocked), "{applied:?}");
 }
 
 mod leases {

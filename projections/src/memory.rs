@@ -122,12 +122,22 @@ impl ProjectionStore for MemoryProjectionStore {
         let current = self.checkpoint(projection.name(), partition).await?.map_or(Position::START, |c| c.position);
         // The pause is checked before the handler only: its effects here cannot be rolled back,
         // so once they are made the checkpoint must follow (the lease still fences it).
-        let allowed = {
+        let (allowed, blocked) = {
             let state = self.state();
-            state.holds(projection.name(), partition, fence) && state.unpaused_for(projection.name(), fence)
+            (
+                state.holds(projection.name(), partition, fence) && state.unpaused_for(projection.name(), fence),
+                state.dead_letters.iter().any(|d| {
+                    d.projection == projection.name()
+                        && d.partition == partition
+                        && events.iter().any(|e| e.stream == d.stream)
+                }),
+            )
         };
         if current != from || !allowed {
             return Ok(Applied::Moved);
+        }
+        if blocked {
+            return Ok(Applied::Blocked);
         }
         if let Err(error) = crate::projection::run_handler(projection, events, &mut Tx::none()).await {
             return Ok(Applied::Failed(error));

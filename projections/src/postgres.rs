@@ -79,6 +79,7 @@ sql_projection_store! {
     tx: Postgres,
     begin: "BEGIN",
     sql: spelled,
+    batch: queries::POSTGRES_BATCH, streams: streams,
     int: i32,
     time: DateTime<Utc>, to_time: stored, from_time: stored,
     clock {
@@ -160,6 +161,11 @@ sql_projection_store! {
         Ok(usize::try_from(live).unwrap_or(1))
     }
     }
+}
+
+/// The streams of a batch, bound as a `text[]`.
+fn streams(events: &[RecordedEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.stream.as_str()).collect()
 }
 
 /// The queries are written in PostgreSQL's spelling.

@@ -7,24 +7,81 @@
 /// another runner, or writes without a lease ($9 null). The pause is part of the fence: a
 /// holder whose lease ran out unnoticed (a slow lease round) cannot commit once the projection
 /// is paused, even before its coordinator sees the pause.
-pub(crate) const ADVANCE: &str = "UPDATE annal_checkpoints SET position_tx = $3, position_seq = $4, updated_at = $7, \
+macro_rules! advance {
+    ($($gate:expr)?) => {
+        concat!("UPDATE annal_checkpoints SET position_tx = $3, position_seq = $4, updated_at = $7, \
      last_recorded_at = coalesce($8, last_recorded_at) \
      WHERE projection = $1 AND partition = $2 AND position_tx = $5 AND position_seq = $6 \
      AND (EXISTS (SELECT 1 FROM annal_leases l WHERE l.projection = $1 AND l.partition = $2 \
                   AND l.owner = $9 AND l.token = $10) OR $9 IS NULL) \
      AND NOT EXISTS (SELECT 1 FROM annal_projection_control c WHERE c.projection = $1 \
-                     AND c.paused_by IS NOT NULL AND c.paused_by <> $9)";
+                     AND c.paused_by IS NOT NULL AND c.paused_by <> $9)"$(, $gate)?)
+    };
+}
+pub(crate) const ADVANCE: &str = advance!();
 
 /// Creates a checkpoint at `to` if none exists (a projection's first move, from the start),
 /// fenced like [`ADVANCE`] by owner $7 and token $8 and the pause.
-pub(crate) const CREATE: &str = "INSERT INTO annal_checkpoints \
+macro_rules! create {
+    ($($gate:expr)?) => {
+        concat!("INSERT INTO annal_checkpoints \
      (projection, partition, position_tx, position_seq, updated_at, last_recorded_at) \
      SELECT $1, $2, $3, $4, $5, $6 \
      WHERE (EXISTS (SELECT 1 FROM annal_leases l WHERE l.projection = $1 AND l.partition = $2 \
                     AND l.owner = $7 AND l.token = $8) OR $7 IS NULL) \
      AND NOT EXISTS (SELECT 1 FROM annal_projection_control c WHERE c.projection = $1 \
-                     AND c.paused_by IS NOT NULL AND c.paused_by <> $7) \
-     ON CONFLICT (projection, partition) DO NOTHING";
+                     AND c.paused_by IS NOT NULL AND c.paused_by <> $7)"$(, $gate)?, " ON CONFLICT (projection, partition) DO NOTHING")
+    };
+}
+pub(crate) const CREATE: &str = create!();
+
+/// The condition of the batch queries below: no stream of the batch (parameter `$n`, spelled by
+/// each dialect) has a dead letter in partition $2 of projection $1.
+macro_rules! unparked {
+    (postgres, $n:literal) => {
+        concat!(
+            " AND NOT EXISTS (SELECT 1 FROM annal_dead_letters d WHERE d.projection = $1 AND d.partition = $2 \
+             AND d.stream = ANY($",
+            $n,
+            "))"
+        )
+    };
+    (sqlite, $n:literal) => {
+        concat!(
+            " AND NOT EXISTS (SELECT 1 FROM annal_dead_letters d WHERE d.projection = $1 AND d.partition = $2 \
+             AND d.stream IN (SELECT value FROM json_each($",
+            $n,
+            ")))"
+        )
+    };
+}
+
+/// The checkpoint moves of a batch ([`ADVANCE`] and [`CREATE`] with the streams of the batch as
+/// $11 and $9), refused while one of those streams has a dead letter in the partition: its later
+/// events wait behind it. `blocked` tells that refusal from a moved checkpoint. PostgreSQL
+/// binds the streams as a `text[]`, SQLite as a JSON array.
+pub(crate) struct BatchQueries {
+    pub(crate) advance: &'static str,
+    pub(crate) create: &'static str,
+    /// Whether a stream of the batch ($3) has a dead letter in partition $2 of projection $1.
+    pub(crate) blocked: &'static str,
+}
+
+macro_rules! batch_queries {
+    ($dialect:ident) => {
+        BatchQueries {
+            advance: advance!(unparked!($dialect, "11")),
+            create: create!(unparked!($dialect, "9")),
+            blocked: concat!("SELECT NOT (TRUE", unparked!($dialect, "3"), ")"),
+        }
+    };
+}
+
+#[cfg(feature = "postgres")]
+pub(crate) const POSTGRES_BATCH: BatchQueries = batch_queries!(postgres);
+
+#[cfg(feature = "sqlite")]
+pub(crate) const SQLITE_BATCH: BatchQueries = batch_queries!(sqlite);
 
 pub(crate) const LATENCY: &str =
     "UPDATE annal_checkpoints SET latency_p99_us = $3 WHERE projection = $1 AND partition = $2";

@@ -16,6 +16,8 @@
 /// - `tx`: the [`crate::Tx`] variant handlers get;
 /// - `begin`: the statement that opens a write transaction;
 /// - `sql`: a function giving a query of [`crate::queries`] in the backend's spelling;
+/// - `batch`: the backend's [`crate::queries::BatchQueries`], and `streams`, a function giving
+///   the streams of a batch as they bind there;
 /// - `int`: the integer type of partitions and attempts;
 /// - `time`: the stored timestamp type, with `to_time` and `from_time` to convert;
 /// - `clock { ... }`: the backend's own `acquire_lease`, `renew_lease`, `release_lease` and
@@ -28,11 +30,14 @@ macro_rules! sql_projection_store {
         tx: $tx:ident,
         begin: $begin:tt,
         sql: $sql:ident,
+        batch: $batch:expr, streams: $streams:ident,
         int: $int:ident,
         time: $time:ty, to_time: $to_time:ident, from_time: $from_time:ident,
         clock { $($clock:tt)* }
     ) => {
-        /// Moves a checkpoint on `conn` (creating it on the first move from the start), fenced.
+        /// Moves a checkpoint on `conn` (creating it on the first move from the start), fenced;
+        /// for a `batch`, only if none of its streams has a dead letter in the partition.
+        #[allow(clippy::too_many_arguments)]
         async fn advance_on(
             conn: &mut $conn,
             projection: &str,
@@ -41,12 +46,17 @@ macro_rules! sql_projection_store {
             to: Position,
             last: Option<DateTime<Utc>>,
             fence: Option<&Fence>,
+            batch: Option<&[RecordedEvent]>,
         ) -> Result<bool> {
             let (owner, token) = (fence.map(|f| f.owner.as_str()), fence.map(|f| to_i64(f.token)));
             let now = $to_time(Utc::now());
             let last = last.map($to_time);
             let partition = $int::try_from(partition).unwrap_or($int::MAX);
-            let updated = sqlx::query($sql(queries::ADVANCE))
+            let (advance, create) = match batch {
+                Some(_) => ($batch.advance, $batch.create),
+                None => (queries::ADVANCE, queries::CREATE),
+            };
+            let mut update = sqlx::query($sql(advance))
                 .bind(projection)
                 .bind(partition)
                 .bind(to_i64(to.transaction()))
@@ -56,14 +66,15 @@ macro_rules! sql_projection_store {
                 .bind(now)
                 .bind(last)
                 .bind(owner)
-                .bind(token)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
+                .bind(token);
+            if let Some(events) = batch {
+                update = update.bind($streams(events));
+            }
+            let updated = update.execute(&mut *conn).await?.rows_affected();
             if updated == 1 || from != Position::START {
                 return Ok(updated == 1);
             }
-            let created = sqlx::query($sql(queries::CREATE))
+            let mut insert = sqlx::query($sql(create))
                 .bind(projection)
                 .bind(partition)
                 .bind(to_i64(to.transaction()))
@@ -71,11 +82,11 @@ macro_rules! sql_projection_store {
                 .bind(now)
                 .bind(last)
                 .bind(owner)
-                .bind(token)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-            Ok(created == 1)
+                .bind(token);
+            if let Some(events) = batch {
+                insert = insert.bind($streams(events));
+            }
+            Ok(insert.execute(&mut *conn).await?.rows_affected() == 1)
         }
 
         fn dead_letter(row: &$row) -> Result<DeadLetter> {
@@ -123,7 +134,7 @@ macro_rules! sql_projection_store {
                 fence: Option<&Fence>,
             ) -> Result<bool> {
                 let mut conn = self.pool.acquire().await?;
-                advance_on(&mut conn, projection, partition, from, to, last_recorded_at, fence).await
+                advance_on(&mut conn, projection, partition, from, to, last_recorded_at, fence, None).await
             }
 
             async fn apply(
@@ -145,10 +156,18 @@ macro_rules! sql_projection_store {
                 // was taken while its handler ran (or another worker that moved the checkpoint)
                 // finds nothing to update and rolls the handler's effects back. The checkpoint row
                 // is locked only for that last round trip, so nobody waits behind a long handler.
+                // The same statement refuses a batch behind a dead letter, so the worker needs no
+                // lookup before each batch, and a dead letter parked meanwhile still counts.
                 let last = events.last().map(|e| e.recorded_at);
-                if !advance_on(&mut tx, projection.name(), partition, from, to, last, fence).await? {
+                if !advance_on(&mut tx, projection.name(), partition, from, to, last, fence, Some(events)).await? {
                     tx.rollback().await?;
-                    return Ok(Applied::Moved);
+                    let blocked: bool = sqlx::query_scalar($sql($batch.blocked))
+                        .bind(projection.name())
+                        .bind($int::try_from(partition).unwrap_or($int::MAX))
+                        .bind($streams(events))
+                        .fetch_one(&self.pool)
+                        .await?;
+                    return Ok(if blocked { Applied::Blocked } else { Applied::Moved });
                 }
                 tx.commit().await?;
                 Ok(Applied::Committed)
@@ -164,7 +183,7 @@ macro_rules! sql_projection_store {
             ) -> Result<bool> {
                 let mut tx = self.pool.begin_with($begin).await?;
                 let event = park.event;
-                if !advance_on(&mut tx, projection, partition, from, event.position, None, fence).await? {
+                if !advance_on(&mut tx, projection, partition, from, event.position, None, fence, None).await? {
                     return Ok(false);
                 }
                 sqlx::query($sql(queries::PARK))

@@ -68,6 +68,7 @@ sql_projection_store! {
     tx: Sqlite,
     begin: "BEGIN IMMEDIATE",
     sql: spelled,
+    batch: queries::SQLITE_BATCH, streams: streams,
     int: i64,
     time: i64, to_time: micros_since_epoch, from_time: micros,
     clock {
@@ -146,6 +147,11 @@ sql_projection_store! {
         Ok(usize::try_from(live).unwrap_or(1))
     }
     }
+}
+
+/// The streams of a batch, bound as a JSON array (SQLite has no arrays).
+fn streams(events: &[RecordedEvent]) -> String {
+    serde_json::to_string(&events.iter().map(|e| e.stream.as_str()).collect::<Vec<_>>()).unwrap_or_default()
 }
 
 /// A query of [`queries`] in SQLite's spelling (`?n` for `$n`).

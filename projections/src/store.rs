@@ -138,6 +138,9 @@ pub enum Applied {
     Moved,
     /// The handler failed: nothing was committed.
     Failed(BoxError),
+    /// A stream of the batch has a dead letter in the projection's partition: its later events
+    /// wait behind it, so nothing was committed (apply the batch event by event, parking those).
+    Blocked,
 }
 
 /// What the store must do for a parked event.
@@ -175,6 +178,11 @@ pub trait ProjectionStore: Send + Sync {
     /// Runs `projection.handle(events)` in a transaction that also moves the checkpoint from
     /// `from` to `to`: exactly-once effect. Stores without transactions (memory) run the handler
     /// and then move the checkpoint.
+    ///
+    /// Commits nothing and returns [`Applied::Moved`] if the checkpoint is not at `from` (or the
+    /// fence no longer holds), and [`Applied::Blocked`] if a stream of `events` has a dead
+    /// letter of this projection in `partition`: later events of a stream wait behind its
+    /// parked one, whenever and by whom it was parked.
     async fn apply(
         &self,
         projection: &dyn Projection,

@@ -150,9 +150,16 @@ impl Worker<'_> {
         Ok(position)
     }
 
-    /// Streams with a parked event: their later events are parked behind it.
+    /// Streams with a parked event in this partition: their later events are parked behind it.
     async fn parked_streams(&self) -> Result<HashSet<StreamName>> {
-        Ok(self.store.dead_letters(self.name()).await?.into_iter().map(|d| d.stream).collect())
+        let dead = self.store.dead_letters(self.name()).await?;
+        Ok(dead.into_iter().filter(|d| d.partition == self.options.partition).map(|d| d.stream).collect())
+    }
+
+    /// Whether a stream of `events` has a parked event.
+    async fn blocked(&self, events: &[RecordedEvent]) -> Result<bool> {
+        let parked = self.parked_streams().await?;
+        Ok(events.iter().any(|e| parked.contains(&e.stream)))
     }
 
     /// Follows the log until `cancel` fires (returns `Ok`) or the projection stops on an event
@@ -251,13 +258,12 @@ impl Worker<'_> {
         Ok(if moved { Outcome::At(to) } else { Outcome::Moved })
     }
 
-    /// Applies a page as one batch; on failure, event by event.
+    /// Applies a page as one batch; on failure, or behind a dead letter, event by event.
     async fn process(&self, from: Position, page: Page, cancel: &CancellationToken) -> Result<Outcome> {
-        let parked = self.parked_streams().await?;
-        let blocked = page.events.iter().any(|e| parked.contains(&e.stream));
         let partition = self.options.partition;
         let error = match self.projection.delivery() {
-            _ if blocked => "a stream of the batch has a parked event".into(),
+            // The store refuses a batch behind a dead letter itself, in the statement that moves
+            // the checkpoint: no lookup before each batch.
             Delivery::ExactlyOnce => {
                 match self
                     .store
@@ -269,9 +275,12 @@ impl Worker<'_> {
                         return Ok(Outcome::At(page.next));
                     }
                     Applied::Moved => return Ok(Outcome::Moved),
+                    Applied::Blocked => BLOCKED.into(),
                     Applied::Failed(error) => error,
                 }
             }
+            // The handler runs outside the store: look before it runs.
+            _ if self.blocked(&page.events).await? => BLOCKED.into(),
             Delivery::AtLeastOnce => {
                 match crate::projection::run_handler(self.projection, &page.events, &mut Tx::none()).await {
                     Ok(()) => {
@@ -309,6 +318,7 @@ impl Worker<'_> {
         };
         tracing::debug!(projection = self.name(), %error, "batch failed; retrying event by event");
         crate::metrics::count(crate::metrics::FAILED, self.name(), partition, page.events.len());
+        let parked = self.parked_streams().await?;
         self.one_by_one(from, page, parked, cancel).await
     }
 
@@ -324,8 +334,7 @@ impl Worker<'_> {
         let mut at = from;
         for event in &page.events {
             if parked.contains(&event.stream) {
-                let reason = format!("parked behind an earlier parked event of stream {}", event.stream);
-                if !self.park(at, event, &reason, 0).await? {
+                if !self.park_behind(at, event).await? {
                     return Ok(Outcome::Moved);
                 }
                 at = event.position;
@@ -367,6 +376,15 @@ impl Worker<'_> {
                         break;
                     }
                     Applied::Moved => return Ok(Outcome::Moved),
+                    // Parked since the batch began (a takeover's worker, say): wait behind it.
+                    Applied::Blocked => {
+                        if !self.park_behind(at, event).await? {
+                            return Ok(Outcome::Moved);
+                        }
+                        parked.insert(event.stream.clone());
+                        at = event.position;
+                        break;
+                    }
                     Applied::Failed(error) if attempt >= policy.attempts || is_permanent(&error) => {
                         let error = error.to_string();
                         match self.options.on_failure {
@@ -453,12 +471,21 @@ impl Worker<'_> {
         }
     }
 
+    /// Parks `event` behind an earlier parked event of its stream, without trying it.
+    async fn park_behind(&self, at: Position, event: &RecordedEvent) -> Result<bool> {
+        let reason = format!("parked behind an earlier parked event of stream {}", event.stream);
+        self.park(at, event, &reason, 0).await
+    }
+
     async fn park(&self, at: Position, event: &RecordedEvent, error: &str, attempts: u32) -> Result<bool> {
         let park = Park { event, error, attempts };
         crate::metrics::count(crate::metrics::PARKED, self.name(), self.options.partition, 1);
         self.store.park(self.name(), self.options.partition, at, park, self.fence.as_ref()).await
     }
 }
+
+/// Why a batch with a stream that has a parked event goes event by event.
+const BLOCKED: &str = "a stream of the batch has a parked event";
 
 /// Errors that no retry can cure: the event cannot even be decoded. They are parked (or stop the
 /// projection) at once instead of after every back-off.

@@ -54,6 +54,7 @@ pub(crate) async fn dead_letters(
                 match retry_dead_letter(&*database.events(), store, &*projection, *id).await {
                     Ok(Applied::Committed) => out!("dead letter {id} applied and removed"),
                     Ok(Applied::Moved) => out!("dead letter {id} was already gone"),
+                    Ok(Applied::Blocked) => out!("dead letter {id} waits behind an older one of its stream"),
                     Ok(Applied::Failed(source)) if ids.len() == 1 => {
                         return Err(Error::DeadLetterFailed { id: *id, source });
                     }
