@@ -310,8 +310,9 @@ struct Run {
     async_commit: bool,
 }
 
-/// PostgreSQL at 1,000 and 5,000 events per second with one statement per event, and at 5,000
-/// with one statement per batch, then also with asynchronous commit.
+/// PostgreSQL at 1,000, 5,000 and 10,000 events per second with one statement per event (the
+/// last from writers appending 10 events at a time), and at 5,000 with one statement per batch,
+/// then also with asynchronous commit.
 pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::Result<(Vec<Measurement>, Vec<Curve>)> {
     let pool = schema_pool(admin, url, "bench_lag", 24).await?;
     sqlx::query(LEDGER_TABLE).execute(&pool).await?;
@@ -319,7 +320,13 @@ pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::R
     let inner = PgProjectionStore::new(&events).await?;
     let mut measurements = Vec::new();
     let mut curves = Vec::new();
-    let runs = [(1000, 1, false, false), (5000, 5, false, false), (5000, 5, true, false), (5000, 5, true, true)];
+    let runs = [
+        (1000, 1, false, false),
+        (5000, 5, false, false),
+        (10_000, 10, false, false),
+        (5000, 5, true, false),
+        (5000, 5, true, true),
+    ];
     for (rate, per_append, batched, async_commit) in runs {
         let run = Run { backend: "PostgreSQL", rate, writers: 8, per_append, batched, async_commit };
         let (m, curve) = measure(events.clone(), inner.clone(), run, plan).await?;

@@ -56,20 +56,19 @@ fn migrator() -> sqlx::migrate::Migrator {
     migrator
 }
 
-/// Bounds a lease holder's batch transaction on the server (see [`crate::batch_timeouts`]):
-/// ended by the server if it sits idle, or runs one statement, for longer.
-async fn batch_guard(conn: &mut PgConnection, fence: Option<&Fence>) -> Result<()> {
-    let Some(fence) = fence else { return Ok(()) };
+/// The statement that opens a batch's transaction. A lease holder's is bounded on the server
+/// (see [`crate::batch_timeouts`]): ended if it sits idle, or runs one statement, for longer.
+/// The bounds are set in the same simple-query message as the `BEGIN`, so they cost no round
+/// trip of their own; the text holds nothing but numbers this code formats.
+fn batch_begin(fence: Option<&Fence>) -> sqlx::AssertSqlSafe<String> {
+    let Some(fence) = fence else { return sqlx::AssertSqlSafe("BEGIN".to_owned()) };
     let (idle, statement) = crate::store::batch_timeouts(fence.lease);
-    let ms = |d: Duration| d.as_millis().max(1).to_string();
-    sqlx::query(
-        "SELECT set_config('idle_in_transaction_session_timeout', $1, true), set_config('statement_timeout', $2, true)",
-    )
-    .bind(ms(idle))
-    .bind(ms(statement))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    let ms = |d: Duration| d.as_millis().max(1);
+    sqlx::AssertSqlSafe(format!(
+        "BEGIN; SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL statement_timeout = {}",
+        ms(idle),
+        ms(statement)
+    ))
 }
 
 sql_projection_store! {

@@ -14,7 +14,8 @@
 /// Implements [`crate::ProjectionStore`] for `$store` (a struct with a `pool` field), with:
 /// - `connection`, `row`: the backend's sqlx connection and row types;
 /// - `tx`: the [`crate::Tx`] variant handlers get;
-/// - `begin`: the statement that opens a write transaction;
+/// - `begin`: the statement that opens a write transaction (a batch's comes from the backend's
+///   `batch_begin(fence)`, which may bound it on the server);
 /// - `sql`: a function giving a query of [`crate::queries`] in the backend's spelling;
 /// - `batch`: the backend's [`crate::queries::BatchQueries`], and `streams`, a function giving
 ///   the streams of a batch as they bind there;
@@ -146,8 +147,7 @@ macro_rules! sql_projection_store {
                 events: &[RecordedEvent],
                 fence: Option<&Fence>,
             ) -> Result<Applied> {
-                let mut tx = self.pool.begin_with($begin).await?;
-                batch_guard(&mut tx, fence).await?;
+                let mut tx = self.pool.begin_with(batch_begin(fence)).await?;
                 if let Err(error) = crate::projection::run_handler(projection, events, &mut Tx::$tx(&mut tx)).await {
                     tx.rollback().await?;
                     return Ok(Applied::Failed(error));

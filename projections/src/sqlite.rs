@@ -57,8 +57,8 @@ fn migrator() -> sqlx::migrate::Migrator {
 
 /// SQLite has no server to end a frozen writer's transaction: nothing to set. (A writer frozen
 /// mid-batch holds the file's write lock; see docs/projections.md, "Pauses".)
-async fn batch_guard(_: &mut SqliteConnection, _: Option<&Fence>) -> Result<()> {
-    Ok(())
+fn batch_begin(_: Option<&Fence>) -> &'static str {
+    "BEGIN IMMEDIATE"
 }
 
 sql_projection_store! {
