@@ -40,6 +40,7 @@ struct Ledger {
     /// The in-memory read model (used when there is no transaction).
     memory: Mutex<HashSet<Uuid>>,
     fixed: AtomicBool,
+    batch: usize,
 }
 
 impl Ledger {
@@ -52,6 +53,7 @@ impl Ledger {
             attempts: Mutex::default(),
             memory: Mutex::default(),
             fixed: AtomicBool::new(false),
+            batch: 50,
         }
     }
 
@@ -76,7 +78,7 @@ impl Projection for Ledger {
         self.delivery
     }
     fn batch_size(&self) -> usize {
-        50
+        self.batch
     }
     async fn handle(&self, events: &[RecordedEvent], tx: &mut Tx<'_>) -> Result<(), BoxError> {
         for event in events {
@@ -270,6 +272,7 @@ backends!(
     a_reset_under_a_caught_up_worker_is_noticed_without_new_events,
     the_control_record_is_the_same_on_every_store,
     a_batch_behind_a_dead_letter_is_refused_by_the_store,
+    small_batches_read_ahead_apply_the_log_once,
 );
 
 /// Panics on one event, every time; applies the others into the ledger.
@@ -470,6 +473,36 @@ async fn poison_events_are_parked_and_the_rest_flows(backend: Backend) {
     assert!(backend.store.dead_letters("poison").await.unwrap().is_empty());
     assert_eq!(backend.ledger(&ledger).await, ids.iter().copied().collect::<HashSet<_>>());
     running.shutdown().await.unwrap();
+}
+
+/// The worker reads the next page while a batch is applied. In batches of 1 to 7 events, with
+/// an event that fails twice and one that always fails, every event is applied once (the ledger
+/// refuses a second), the poison event and its stream's later events are parked in order, and
+/// nothing is skipped: the page read ahead is used only when the batch ended where it ends.
+async fn small_batches_read_ahead_apply_the_log_once(backend: Backend) {
+    let (ids, last) = append(&*backend.events, "order", 5, 40).await;
+    for (batch, name) in [(1, "ahead_1"), (2, "ahead_2"), (3, "ahead_3"), (7, "ahead_7")] {
+        let mut ledger = Ledger::new(name);
+        ledger.batch = batch;
+        let ledger = Arc::new(ledger);
+        ledger.fail(ids[12], u32::MAX);
+        ledger.fail(ids[21], 2);
+        let running = ProjectionRunner::new(backend.events.clone(), backend.store.clone())
+            .with(ledger.clone(), quick_retries())
+            .unwrap()
+            .start();
+        match running.wait_for(name, last, PATIENCE).await {
+            Err(Error::Parked { position, .. }) => assert_eq!(position, last),
+            other => panic!("batches of {batch}: expected Parked, got {other:?}"),
+        }
+        running.shutdown().await.unwrap();
+        let parked: Vec<Uuid> = backend.store.dead_letters(name).await.unwrap().iter().map(|d| d.event_id).collect();
+        let expected: Vec<Uuid> = (12..40).step_by(5).map(|i| ids[i]).collect();
+        assert_eq!(parked, expected, "batches of {batch}");
+        let others: HashSet<Uuid> = ids.iter().copied().filter(|id| !expected.contains(id)).collect();
+        assert_eq!(backend.ledger(&ledger).await, others, "batches of {batch}");
+        assert_eq!(ledger.attempts(ids[21]), 3, "batches of {batch}: two failures, then applied once");
+    }
 }
 
 async fn selective_projections_keep_their_checkpoint_moving(backend: Backend) {

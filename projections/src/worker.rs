@@ -173,11 +173,16 @@ impl Worker<'_> {
         let options = SubscriptionOptions::default().page_size(batch).poll_interval(self.options.poll_interval);
         let mut follower = Follower::new(self.events, checkpoint, filter, options);
         let mut failures = 0u32;
+        // The page after the last batch, read while that batch was applied.
+        let mut ahead = None;
         while !cancel.is_cancelled() {
-            let page = tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
-                // The follower waits for new events and backs off after a failed read itself.
-                page = follower.next_page() => page,
+            let page = match ahead.take() {
+                Some(page) => page,
+                None => tokio::select! {
+                    () = cancel.cancelled() => return Ok(()),
+                    // The follower waits for new events and backs off after a failed read itself.
+                    page = follower.next_page() => page,
+                },
             };
             let page = match page {
                 Ok(page) => page,
@@ -211,11 +216,8 @@ impl Worker<'_> {
                 // Only events the projection does not select: the checkpoint moves past them.
                 self.advance(checkpoint, page.next).await
             } else {
-                let span =
-                    crate::trace::batch_span(self.name(), self.options.partition, checkpoint, page.next, &page.events);
-                let (started, len) = (std::time::Instant::now(), page.events.len());
-                let outcome = self.process(checkpoint, page, cancel).instrument(span).await;
-                crate::metrics::batch(self.name(), self.options.partition, self.phase(len), started.elapsed());
+                let (outcome, next) = self.apply_reading_ahead(checkpoint, page, &mut follower, cancel).await;
+                ahead = next;
                 outcome
             };
             match outcome {
@@ -236,9 +238,52 @@ impl Worker<'_> {
                     }
                 }
             }
-            follower.seek(checkpoint);
+            // A page read ahead follows the checkpoint; otherwise the follower goes back to it.
+            if ahead.is_none() {
+                follower.seek(checkpoint);
+            }
         }
         Ok(())
+    }
+
+    /// Applies `page` (after `from`) while the follower reads the page after it, on a
+    /// connection of its own, so the read's round trip overlaps the batch's. Both are polled
+    /// together here until the batch ends, so the read never sits unpolled holding a
+    /// connection. Returns the batch's outcome and, when the batch ended at the page's end,
+    /// the next page; otherwise the read is dropped and the caller moves the follower back.
+    async fn apply_reading_ahead<S: EventStore + ?Sized>(
+        &self,
+        from: Position,
+        page: Page,
+        follower: &mut Follower<'_, S>,
+        cancel: &CancellationToken,
+    ) -> (Result<Outcome>, Option<annal_eventstore::Result<Page>>) {
+        let (partition, until, len) = (self.options.partition, page.next, page.events.len());
+        let span = crate::trace::batch_span(self.name(), partition, from, until, &page.events);
+        let started = std::time::Instant::now();
+        let process = self.process(from, page, cancel).instrument(span);
+        let read = follower.next_page();
+        tokio::pin!(process, read);
+        let mut next = None;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut process => break outcome,
+                page = &mut read, if next.is_none() => next = Some(page),
+            }
+        };
+        crate::metrics::batch(self.name(), partition, self.phase(len), started.elapsed());
+        if !matches!(outcome, Ok(Outcome::At(at)) if at == until) {
+            return (outcome, None);
+        }
+        if next.is_none() {
+            // Caught up: say so before waiting for new events.
+            self.progress.reached();
+            next = tokio::select! {
+                () = cancel.cancelled() => None,
+                page = &mut read => Some(page),
+            };
+        }
+        (outcome, next)
     }
 
     /// The metrics' phase of a batch of `events` (`crate::metrics::phase`).
