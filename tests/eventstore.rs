@@ -100,14 +100,14 @@ mod postgres {
 
     use crate::support::partition_counts;
 
-    // With group commit on (the default): every case, including the 40-writer races.
+    // Appends committed one by one (the default): every case, including the 40-writer races.
     crate::conformance::suite!(async { (crate::support::pg::fresh_store().await, ()) });
 
-    /// Appends committed one by one, without group commit: the cases about conflicts,
-    /// retries and concurrent writers, which are the ones grouping changes the path of.
-    mod alone {
+    /// With group commit on: the cases about conflicts, retries and concurrent writers, which
+    /// are the ones grouping changes the path of.
+    mod grouped {
         crate::conformance::suite!(@cases async {
-            (crate::support::pg::fresh_store().await.with_group_commit(None), ())
+            (crate::support::pg::fresh_store().await.with_group_commit(Some(annal::GroupCommit::default())), ())
         };
             expected_version_modes, conflicts_write_nothing, idempotent_retries, duplicates_that_are_not_retries,
             one_winner_among_concurrent_appenders, concurrent_writers_are_seen_once_in_order,

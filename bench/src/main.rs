@@ -53,9 +53,9 @@ struct Args {
     /// Run only these suites (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Suite>,
-    /// Group commit of the appends and commands suites' stores: `default`, `off`, or
-    /// `MEMBERS,IN_FLIGHT` (see `GroupCommit::new`).
-    #[arg(long, default_value = "default", value_parser = parse_group_commit)]
+    /// Group commit of the appends and commands suites' stores: `off` (the store's default),
+    /// `on` (`GroupCommit::default()`), or `MEMBERS,IN_FLIGHT` (see `GroupCommit::new`).
+    #[arg(long, default_value = "off", value_parser = parse_group_commit)]
     group_commit: Grouping,
 }
 
@@ -65,10 +65,10 @@ struct Grouping(Option<GroupCommit>);
 
 fn parse_group_commit(text: &str) -> Result<Grouping, String> {
     match text {
-        "default" => Ok(Grouping(Some(GroupCommit::default()))),
+        "on" => Ok(Grouping(Some(GroupCommit::default()))),
         "off" => Ok(Grouping(None)),
         _ => {
-            let (members, in_flight) = text.split_once(',').ok_or("expected default, off or MEMBERS,IN_FLIGHT")?;
+            let (members, in_flight) = text.split_once(',').ok_or("expected off, on or MEMBERS,IN_FLIGHT")?;
             let number = |n: &str| n.trim().parse::<usize>().map_err(|e| format!("{n:?}: {e}"));
             GroupCommit::new(number(members)?, number(in_flight)?).map(|g| Grouping(Some(g))).map_err(|e| e.to_string())
         }

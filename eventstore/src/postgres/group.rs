@@ -89,7 +89,8 @@ impl GroupCommit {
 
 impl Default for GroupCommit {
     /// 64 members; as many commits in flight as half the pool's connections, leaving the other
-    /// half to reads (`docs/benchmarks.md` has the measurements behind it).
+    /// half to reads. (Grouping itself is off unless asked for: see
+    /// [`PgEventStore::with_group_commit`](super::PgEventStore::with_group_commit).)
     fn default() -> Self {
         GroupCommit { max_members: 64, max_in_flight: None }
     }
