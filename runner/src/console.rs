@@ -51,7 +51,11 @@ async fn page(State(observed): Shared) -> Html<String> {
 async fn status(State(observed): Shared) -> Response {
     let snapshot = observed.snapshot().await;
     let reasons = crate::observe::not_ready(&snapshot, &observed.health);
-    Json(json!({ "snapshot": snapshot, "not_ready": reasons })).into_response()
+    let rebuilds = match crate::observe::rebuilds(&*observed.store, None).await {
+        Ok(rebuilds) => rebuilds,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.report()),
+    };
+    Json(json!({ "snapshot": snapshot, "not_ready": reasons, "rebuilds": rebuilds })).into_response()
 }
 
 async fn dead_letters(State(observed): Shared, Path(projection): Path<String>) -> Response {

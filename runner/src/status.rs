@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::config::{Config, SqlProjectionConfig};
 use crate::database::Database;
+use crate::observe::Rebuild;
 use crate::rebuild::has_checkpoints;
 use crate::{Error, Result, SqlProjection};
 
@@ -56,8 +57,10 @@ pub(crate) async fn status(
     extra: &[Arc<dyn Projection>],
     options: StatusOptions,
 ) -> Result<()> {
+    let only = options.projection.as_deref();
     let Some(every) = options.watch else {
-        return print(&rows(database, store, config, extra, options.projection.as_deref()).await?, options.json);
+        let rows = rows(database, store, config, extra, only).await?;
+        return print(&rows, &crate::observe::rebuilds(store, only).await?, options.json);
     };
     if !every.is_finite() || every <= 0.0 {
         return Err(Error::InvalidArgument(format!("--watch {every}: give a positive number of seconds")));
@@ -65,7 +68,8 @@ pub(crate) async fn status(
     let stop = crate::serve::shutdown_signal();
     tokio::pin!(stop);
     loop {
-        let rows = rows(database, store, config, extra, options.projection.as_deref()).await?;
+        let rows = rows(database, store, config, extra, only).await?;
+        let rebuilds = crate::observe::rebuilds(store, only).await?;
         if !options.json {
             use std::io::IsTerminal;
             if std::io::stdout().is_terminal() {
@@ -75,7 +79,7 @@ pub(crate) async fn status(
                 out!("{}", chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC"));
             }
         }
-        print(&rows, options.json)?;
+        print(&rows, &rebuilds, options.json)?;
         tokio::select! {
             () = &mut stop => return Ok(()),
             () = tokio::time::sleep(Duration::from_secs_f64(every)) => {}
@@ -83,9 +87,9 @@ pub(crate) async fn status(
     }
 }
 
-fn print(rows: &[Row], json: bool) -> Result<()> {
+fn print(rows: &[Row], rebuilds: &[Rebuild], json: bool) -> Result<()> {
     if json {
-        out!("{}", serde_json::json!({ "partitions": rows }));
+        out!("{}", serde_json::json!({ "partitions": rows, "rebuilds": rebuilds }));
         return Ok(());
     }
     out!(
@@ -125,7 +129,40 @@ fn print(rows: &[Row], json: bool) -> Result<()> {
     for pause in pauses {
         out!("{pause}");
     }
+    for rebuild in rebuilds {
+        out!("{}", rebuild_line(rebuild));
+    }
     Ok(())
+}
+
+/// One line per rebuild record: who, how far, how fast, and how it ended (or that its process
+/// died).
+fn rebuild_line(r: &Rebuild) -> String {
+    let percent = if r.total == 0 { 100.0 } else { r.done as f64 * 100.0 / r.total as f64 };
+    let eta = r.eta_seconds.map_or(String::new(), |s| format!(", eta {s:.0} s"));
+    let outcome = if r.stale {
+        format!(
+            "STALE: running but not written for {:.1} s (stale after {:.1} s): its process died; rebuild again{}",
+            r.seconds_since_update,
+            r.stale_after_seconds,
+            if r.mode == "shadow" { " to resume from its shadow" } else { " (the projection is still paused)" }
+        )
+    } else {
+        match &r.reason {
+            Some(reason) => format!("{}: {reason}", r.outcome),
+            None => r.outcome.replace('_', " "),
+        }
+    };
+    format!(
+        "rebuild of {} ({}) by {} since {}: {}/{} events ({percent:.1}%), {:.0} events/s{eta}, {outcome}",
+        r.projection,
+        r.mode.replace('_', "-"),
+        r.owner,
+        r.started_at,
+        r.done,
+        r.total,
+        r.rate
+    )
 }
 
 /// Every projection partition's checkpoint, lag, dead letters and lease; only `only`'s (and its
