@@ -289,7 +289,8 @@ async fn commands_print_no_postgres_notices() {
 /// `annal_store_oldest_transaction_seconds` on `/metrics`: a transaction held open (with a
 /// transaction id) shows as its age, growing; once it commits the gauge falls below that age.
 /// (The gauge is cluster-wide: another test's transaction may show too, but never a younger one
-/// in place of ours, so "at least our age" holds while ours is open.)
+/// in place of ours, so "at least our age" holds while ours is open.) The idle scrape also
+/// shows the append histogram, with no sample.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_oldest_transaction_gauge_shows_a_transaction_held_open() {
     const GAUGE: &str = "annal_store_oldest_transaction_seconds";
@@ -301,6 +302,9 @@ async fn the_oldest_transaction_gauge_shows_a_transaction_held_open() {
         assert!(Instant::now() < deadline, "the runner never served {GAUGE}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Beside it, the store's append histogram, registered at start for this runner's backend.
+    let appends = "annal_store_append_duration_seconds_count{backend=\"postgres\",outcome=\"ok\"}";
+    assert_eq!(gauge(&config, appends), Some(0.0), "an idle runner's scrape shows {appends}");
     let mut held = setup.pool.begin().await.unwrap();
     sqlx::query("SELECT pg_current_xact_id()").execute(&mut *held).await.unwrap();
     let opened = Instant::now();
