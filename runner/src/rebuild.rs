@@ -30,7 +30,7 @@ pub(crate) async fn rebuild_in_place(
     let name = projection.name().to_owned();
     let owner = crate::dispatch::owner_name();
     let lease = crate::dispatch::lease(config);
-    let mut progress = Publisher::start(store.clone(), &name, &owner, RebuildMode::InPlace, lease).await;
+    let progress = Publisher::start(store.clone(), &name, &owner, RebuildMode::InPlace, lease).await;
     let takeover = match Takeover::start(&*store, &name, &owner, "rebuild --in-place", lease).await {
         Ok(takeover) => takeover,
         Err(error) => {
@@ -44,7 +44,7 @@ pub(crate) async fn rebuild_in_place(
         database.execute(reset, true).await?;
         store.reset(&name).await?;
         let total =
-            replay(database, store.clone(), config, projection, &name, Some(takeover.owner()), &mut progress).await?;
+            replay(database, store.clone(), config, projection, &name, Some(takeover.owner()), &progress).await?;
         Ok::<_, Error>((total, reset_at, started.elapsed()))
     };
     let done = tokio::select! {
@@ -94,7 +94,7 @@ pub(crate) async fn rebuild_in_shadow(
     let stop = crate::serve::shutdown_signal();
     let owner = crate::dispatch::owner_name();
     let lease = crate::dispatch::lease(config);
-    let mut progress = Publisher::start(store.clone(), &live.name, &owner, RebuildMode::Shadow, lease).await;
+    let progress = Publisher::start(store.clone(), &live.name, &owner, RebuildMode::Shadow, lease).await;
     let work = async {
         if has_checkpoints(&*store, &shadow.name, shadow.partitions).await? {
             out!("resuming the rebuild of {} in its shadow tables", live.name);
@@ -104,8 +104,7 @@ pub(crate) async fn rebuild_in_shadow(
         }
         let projection = SqlProjection::new(shadow)?;
         database.check(&shadow.setup, std::slice::from_ref(&projection), true).await?;
-        let total =
-            replay(database, store.clone(), config, Arc::new(projection), &live.name, None, &mut progress).await?;
+        let total = replay(database, store.clone(), config, Arc::new(projection), &live.name, None, &progress).await?;
         store.promote(&shadow.name, &live.name, &live.promotion(database.is_postgres())).await?;
         Ok::<_, Error>(total)
     };
@@ -153,7 +152,7 @@ async fn replay(
     projection: Arc<dyn Projection>,
     options_of: &str,
     owner: Option<&str>,
-    progress: &mut Publisher,
+    progress: &Publisher,
 ) -> Result<u64> {
     let name = projection.name().to_owned();
     let filter = projection.filter();
@@ -180,7 +179,7 @@ async fn replay(
         let checkpoint = running.checkpoint(&name).await?;
         let done = total - events.count(checkpoint, head, &filter).await?.min(total);
         bar.set_position(done);
-        progress.progress(done, total).await;
+        progress.progress(done, total);
         if logged && last_log.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
             last_log = Some(std::time::Instant::now());
             tracing::info!(projection = %name, done, total, "rebuild progress");
