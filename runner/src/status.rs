@@ -138,8 +138,17 @@ fn print(rows: &[Row], rebuilds: &[Rebuild], json: bool) -> Result<()> {
 /// One line per rebuild record: who, how far, how fast, and how it ended (or that its process
 /// died).
 fn rebuild_line(r: &Rebuild) -> String {
+    if r.total == 0 && r.outcome == "running" && !r.stale {
+        return format!(
+            "rebuild of {} ({}) by {} since {}: counting the events to replay",
+            r.projection,
+            r.mode.replace('_', "-"),
+            r.owner,
+            r.started_at
+        );
+    }
     let percent = if r.total == 0 { 100.0 } else { r.done as f64 * 100.0 / r.total as f64 };
-    let eta = r.eta_seconds.map_or(String::new(), |s| format!(", eta {s:.0} s"));
+    let eta = r.eta_seconds.filter(|_| !r.stale).map_or(String::new(), |s| format!(", eta {s:.0} s"));
     let outcome = if r.stale {
         format!(
             "STALE: running but not written for {:.1} s (stale after {:.1} s): its process died; rebuild again{}",
@@ -236,4 +245,47 @@ pub(crate) async fn rows(
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(total: u64, done: u64, outcome: &'static str, reason: Option<&str>, stale: bool) -> Rebuild {
+        Rebuild {
+            projection: "ledger".into(),
+            owner: "host:7:ab".into(),
+            mode: "shadow",
+            started_at: "T".into(),
+            updated_at: "U".into(),
+            total,
+            done,
+            rate: 1234.4,
+            eta_seconds: (outcome == "running").then_some(4.6),
+            outcome,
+            reason: reason.map(str::to_owned),
+            stale,
+            stale_after_seconds: 3.0,
+            seconds_since_update: if stale { 7.25 } else { 0.5 },
+        }
+    }
+
+    #[test]
+    fn a_line_per_rebuild_says_how_far_and_how_it_ended() {
+        let head = "rebuild of ledger (shadow) by host:7:ab since T: ";
+        let cases = [
+            (record(0, 0, "running", None, false), "counting the events to replay"),
+            (record(1000, 400, "running", None, false), "400/1000 events (40.0%), 1234 events/s, eta 5 s, running"),
+            (
+                record(1000, 400, "running", None, true),
+                "400/1000 events (40.0%), 1234 events/s, STALE: running but not written for 7.2 s \
+                 (stale after 3.0 s): its process died; rebuild again to resume from its shadow",
+            ),
+            (record(1000, 1000, "swapped_in", None, false), "1000/1000 events (100.0%), 1234 events/s, swapped in"),
+            (record(1000, 10, "failed", Some("boom"), false), "10/1000 events (1.0%), 1234 events/s, failed: boom"),
+        ];
+        for (rebuild, expected) in cases {
+            assert_eq!(rebuild_line(&rebuild), format!("{head}{expected}"));
+        }
+    }
 }
