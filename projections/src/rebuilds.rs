@@ -1,6 +1,6 @@
-//! The rebuild record: what a rebuild is doing, written by the rebuilding process every few
-//! seconds so that every operator view (`annal-runner status`, the console) shows it, wherever
-//! the rebuild runs.
+//! The rebuild record: what a rebuild is doing, written by the rebuilding process (every second,
+//! by `annal-runner rebuild`) so that every operator view (`annal-runner status`, the console)
+//! shows it, wherever the rebuild runs.
 //!
 //! Staleness is judged by the store's clock: the PostgreSQL store stamps every write and
 //! measures every record's age with the server's `clock_timestamp()`, so two machines whose
