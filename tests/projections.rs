@@ -11,6 +11,9 @@ use control::{
     a_paused_projection_is_let_go_and_resumes_exactly, a_reset_under_a_caught_up_worker_is_noticed_without_new_events,
     the_control_record_is_the_same_on_every_store,
 };
+#[path = "projections/rebuilds.rs"]
+mod rebuilds;
+use rebuilds::the_rebuild_record_is_the_same_on_every_store;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -273,6 +276,7 @@ backends!(
     the_control_record_is_the_same_on_every_store,
     a_batch_behind_a_dead_letter_is_refused_by_the_store,
     small_batches_read_ahead_apply_the_log_once,
+    the_rebuild_record_is_the_same_on_every_store,
 );
 
 /// Panics on one event, every time; applies the others into the ledger.

@@ -27,6 +27,7 @@ mod postgres;
 mod projection;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod queries;
+mod rebuilds;
 mod retry;
 mod runner;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
@@ -46,6 +47,7 @@ pub use crate::memory::MemoryProjectionStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use crate::postgres::PgProjectionStore;
 pub use crate::projection::{Delivery, Projection, Tx, validate_name};
+pub use crate::rebuilds::{RebuildMode, RebuildOutcome, RebuildProgress, RebuildUpdate, rebuild_stale_after};
 pub use crate::retry::{OnFailure, RetryPolicy};
 pub use crate::runner::{Lag, PartitionLag, ProjectionRunner, RunningProjections, partition_lag};
 #[cfg(feature = "sqlite")]

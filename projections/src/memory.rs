@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::projection::Tx;
+use crate::rebuilds::{RebuildMode, RebuildOutcome, RebuildProgress, RebuildUpdate};
 use crate::store::{Applied, Checkpoint, Control, DeadLetter, DedupStore, Fence, Lease, Park, Pause, ProjectionStore};
 use crate::{Projection, Result};
 
@@ -30,6 +31,7 @@ struct State {
     dedup: HashMap<(String, uuid::Uuid), DateTime<Utc>>,
     partition_counts: HashMap<String, u32>,
     controls: HashMap<String, Control>,
+    rebuilds: HashMap<String, RebuildProgress>,
 }
 
 impl MemoryProjectionStore {
@@ -360,6 +362,55 @@ impl ProjectionStore for MemoryProjectionStore {
         state.leases.retain(|(name, _), _| name != shadow);
         state.bump_epoch(live);
         Ok(())
+    }
+
+    async fn start_rebuild(
+        &self,
+        projection: &str,
+        owner: &str,
+        mode: RebuildMode,
+        stale_after: Duration,
+    ) -> Result<()> {
+        let now = Utc::now();
+        let record = RebuildProgress {
+            projection: projection.to_owned(),
+            owner: owner.to_owned(),
+            mode,
+            started_at: now,
+            updated_at: now,
+            update: RebuildUpdate { total: 0, done: 0, rate: 0.0, eta: None, outcome: RebuildOutcome::Running },
+            stale_after,
+            age: Duration::ZERO,
+        };
+        self.state().rebuilds.insert(projection.to_owned(), record);
+        Ok(())
+    }
+
+    async fn update_rebuild(&self, projection: &str, owner: &str, update: &RebuildUpdate) -> Result<bool> {
+        let mut state = self.state();
+        match state.rebuilds.get_mut(projection) {
+            Some(record) if record.owner == owner => {
+                record.update = update.clone();
+                record.updated_at = Utc::now();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn rebuilds(&self) -> Result<Vec<RebuildProgress>> {
+        let now = Utc::now();
+        let mut records: Vec<RebuildProgress> = self
+            .state()
+            .rebuilds
+            .values()
+            .map(|record| RebuildProgress {
+                age: (now - record.updated_at).to_std().unwrap_or_default(),
+                ..record.clone()
+            })
+            .collect();
+        records.sort_by(|a, b| a.projection.cmp(&b.projection));
+        Ok(records)
     }
 }
 

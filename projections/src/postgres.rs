@@ -12,6 +12,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow};
 
 use crate::projection::Tx;
 use crate::queries;
+use crate::rebuilds::{RebuildMode, RebuildOutcome, RebuildProgress, RebuildUpdate};
 use crate::sql_store::sql_projection_store;
 use crate::store::{Applied, Checkpoint, Control, DeadLetter, DedupStore, Fence, Lease, Park, Pause, ProjectionStore};
 use crate::{Error, Projection, Result};
@@ -70,6 +71,23 @@ fn batch_begin(fence: Option<&Fence>) -> sqlx::AssertSqlSafe<String> {
         ms(statement)
     ))
 }
+
+/// Starts projection $1's rebuild record for owner $2, mode $3, stale after $4 ms, replacing
+/// any earlier one; stamped with the server's clock.
+const REBUILD_START: &str = "INSERT INTO annal_rebuilds (projection, owner, mode, started_at, updated_at, \
+     outcome, stale_after_ms) VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp(), 'running', $4) \
+     ON CONFLICT (projection) DO UPDATE SET owner = excluded.owner, mode = excluded.mode, \
+     started_at = excluded.started_at, updated_at = excluded.updated_at, total = 0, done = 0, rate = 0, \
+     eta_seconds = NULL, outcome = excluded.outcome, reason = NULL, stale_after_ms = excluded.stale_after_ms";
+
+/// Writes the figures ($3 to $8) of projection $1's rebuild record if owner $2 still has it.
+const REBUILD_UPDATE: &str = "UPDATE annal_rebuilds SET total = $3, done = $4, rate = $5, eta_seconds = $6, \
+     outcome = $7, reason = $8, updated_at = clock_timestamp() WHERE projection = $1 AND owner = $2";
+
+/// Every rebuild record, with its age in seconds by the server's clock.
+const REBUILDS: &str = "SELECT projection, owner, mode, started_at, updated_at, total, done, rate, eta_seconds, \
+     outcome, reason, stale_after_ms, extract(epoch FROM clock_timestamp() - updated_at)::float8 \
+     FROM annal_rebuilds ORDER BY projection";
 
 sql_projection_store! {
     store: PgProjectionStore,

@@ -23,6 +23,9 @@
 /// - `time`: the stored timestamp type, with `to_time` and `from_time` to convert;
 /// - `clock { ... }`: the backend's own `acquire_lease`, `renew_lease`, `release_lease` and
 ///   `register_runner`, which use the database's clock where it has one.
+///
+/// The expansion site also defines `REBUILD_START`, `REBUILD_UPDATE` and `REBUILDS`, the
+/// rebuild record's statements, in its spelling and with its clock.
 macro_rules! sql_projection_store {
     (
         store: $store:ty,
@@ -367,7 +370,73 @@ macro_rules! sql_projection_store {
                 Ok(())
             }
 
+            async fn start_rebuild(
+                &self,
+                projection: &str,
+                owner: &str,
+                mode: RebuildMode,
+                stale_after: Duration,
+            ) -> Result<()> {
+                sqlx::query(REBUILD_START)
+                    .bind(projection)
+                    .bind(owner)
+                    .bind(mode.as_str())
+                    .bind(i64::try_from(stale_after.as_millis()).unwrap_or(i64::MAX))
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn update_rebuild(&self, projection: &str, owner: &str, update: &RebuildUpdate) -> Result<bool> {
+                let written = sqlx::query(REBUILD_UPDATE)
+                    .bind(projection)
+                    .bind(owner)
+                    .bind(to_i64(update.total))
+                    .bind(to_i64(update.done))
+                    .bind(if update.rate.is_finite() { update.rate } else { 0.0 })
+                    .bind(update.eta.map(|eta| eta.as_secs_f64()))
+                    .bind(update.outcome.as_str())
+                    .bind(update.outcome.reason())
+                    .execute(&self.pool)
+                    .await?;
+                Ok(written.rows_affected() == 1)
+            }
+
+            async fn rebuilds(&self) -> Result<Vec<RebuildProgress>> {
+                let rows = sqlx::query(REBUILDS).fetch_all(&self.pool).await?;
+                rows.iter().map(rebuild).collect()
+            }
+
             $($clock)*
+        }
+
+        /// A row of `REBUILDS`: the record, with its age by the database's clock (column 12).
+        fn rebuild(row: &$row) -> Result<RebuildProgress> {
+            let unknown = |what: &str, text: &str| {
+                crate::Error::Store(annal_eventstore::Error::Backend(
+                    format!("annal_rebuilds holds an unknown {what} {text:?}").into(),
+                ))
+            };
+            let mode: String = row.try_get(2)?;
+            let outcome: String = row.try_get(9)?;
+            let seconds = |s: f64| Duration::try_from_secs_f64(s).unwrap_or_default();
+            Ok(RebuildProgress {
+                projection: row.try_get(0)?,
+                owner: row.try_get(1)?,
+                mode: RebuildMode::parse(&mode).ok_or_else(|| unknown("mode", &mode))?,
+                started_at: $from_time(row.try_get::<$time, _>(3)?),
+                updated_at: $from_time(row.try_get::<$time, _>(4)?),
+                update: RebuildUpdate {
+                    total: to_u64(row.try_get(5)?),
+                    done: to_u64(row.try_get(6)?),
+                    rate: row.try_get(7)?,
+                    eta: row.try_get::<Option<f64>, _>(8)?.map(seconds),
+                    outcome: RebuildOutcome::parse(&outcome, row.try_get(10)?)
+                        .ok_or_else(|| unknown("outcome", &outcome))?,
+                },
+                stale_after: Duration::from_millis(to_u64(row.try_get(11)?)),
+                age: seconds(row.try_get::<f64, _>(12)?.max(0.0)),
+            })
         }
     };
 }

@@ -12,6 +12,7 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 
 use crate::projection::Tx;
 use crate::queries;
+use crate::rebuilds::{RebuildMode, RebuildOutcome, RebuildProgress, RebuildUpdate};
 use crate::sql_store::sql_projection_store;
 use crate::store::{Applied, Checkpoint, Control, DeadLetter, DedupStore, Fence, Lease, Park, Pause, ProjectionStore};
 use crate::{Projection, Result};
@@ -60,6 +61,42 @@ fn migrator() -> sqlx::migrate::Migrator {
 fn batch_begin(_: Option<&Fence>) -> &'static str {
     "BEGIN IMMEDIATE"
 }
+
+/// SQLite's clock (that of the machine holding the file), in microseconds since the epoch.
+macro_rules! now_micros {
+    () => {
+        "CAST(unixepoch('subsec') * 1000000 AS INTEGER)"
+    };
+}
+
+/// Starts projection ?1's rebuild record for owner ?2, mode ?3, stale after ?4 ms, replacing
+/// any earlier one; stamped with SQLite's clock.
+const REBUILD_START: &str = concat!(
+    "INSERT INTO annal_rebuilds (projection, owner, mode, started_at, updated_at, outcome, stale_after_ms) \
+     VALUES (?1, ?2, ?3, ",
+    now_micros!(),
+    ", ",
+    now_micros!(),
+    ", 'running', ?4) ON CONFLICT (projection) DO UPDATE SET owner = excluded.owner, mode = excluded.mode, \
+     started_at = excluded.started_at, updated_at = excluded.updated_at, total = 0, done = 0, rate = 0, \
+     eta_seconds = NULL, outcome = excluded.outcome, reason = NULL, stale_after_ms = excluded.stale_after_ms"
+);
+
+/// Writes the figures (?3 to ?8) of projection ?1's rebuild record if owner ?2 still has it.
+const REBUILD_UPDATE: &str = concat!(
+    "UPDATE annal_rebuilds SET total = ?3, done = ?4, rate = ?5, eta_seconds = ?6, outcome = ?7, reason = ?8, \
+     updated_at = ",
+    now_micros!(),
+    " WHERE projection = ?1 AND owner = ?2"
+);
+
+/// Every rebuild record, with its age in seconds by SQLite's clock.
+const REBUILDS: &str = concat!(
+    "SELECT projection, owner, mode, started_at, updated_at, total, done, rate, eta_seconds, outcome, reason, \
+     stale_after_ms, CAST(",
+    now_micros!(),
+    " - updated_at AS REAL) / 1000000.0 FROM annal_rebuilds ORDER BY projection"
+);
 
 sql_projection_store! {
     store: SqliteProjectionStore,

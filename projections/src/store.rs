@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::rebuilds::{RebuildMode, RebuildProgress, RebuildUpdate};
 use crate::{Projection, Result};
 
 /// Where a projection partition has got to.
@@ -284,6 +285,43 @@ pub trait ProjectionStore: Send + Sync {
     /// Store errors (nothing is changed); [`crate::Error::Unsupported`] for statements on a store
     /// without SQL.
     async fn promote(&self, shadow: &str, live: &str, statements: &[String]) -> Result<()>;
+
+    /// Starts the rebuild record of `projection` for process `owner`, replacing the record of
+    /// any earlier rebuild of it: running, nothing done yet, stamped with the store's clock.
+    ///
+    /// # Errors
+    /// Store errors; [`crate::Error::Unsupported`] from a store that keeps no rebuild records
+    /// (the default).
+    async fn start_rebuild(
+        &self,
+        projection: &str,
+        owner: &str,
+        mode: RebuildMode,
+        stale_after: Duration,
+    ) -> Result<()> {
+        let _ = (projection, owner, mode, stale_after);
+        Err(crate::Error::Unsupported("this projection store keeps no rebuild records"))
+    }
+
+    /// Writes the figures and outcome of `projection`'s rebuild record, stamped with the store's
+    /// clock, if the record is still `owner`'s. Returns `false` (nothing written) if another
+    /// process has started a rebuild of it since, or there is no record.
+    ///
+    /// # Errors
+    /// Store errors; [`crate::Error::Unsupported`] as for [`ProjectionStore::start_rebuild`].
+    async fn update_rebuild(&self, projection: &str, owner: &str, update: &RebuildUpdate) -> Result<bool> {
+        let _ = (projection, owner, update);
+        Err(crate::Error::Unsupported("this projection store keeps no rebuild records"))
+    }
+
+    /// Every projection's last rebuild record, by projection name, with its age by the store's
+    /// clock (see [`RebuildProgress::stale`]).
+    ///
+    /// # Errors
+    /// Store errors; [`crate::Error::Unsupported`] as for [`ProjectionStore::start_rebuild`].
+    async fn rebuilds(&self) -> Result<Vec<RebuildProgress>> {
+        Err(crate::Error::Unsupported("this projection store keeps no rebuild records"))
+    }
 }
 
 /// A persistent record of the events an at-least-once consumer has handled, for effects outside

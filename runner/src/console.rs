@@ -51,7 +51,13 @@ async fn page(State(observed): Shared) -> Html<String> {
 async fn status(State(observed): Shared) -> Response {
     let snapshot = observed.snapshot().await;
     let reasons = crate::observe::not_ready(&snapshot, &observed.health);
-    Json(json!({ "snapshot": snapshot, "not_ready": reasons })).into_response()
+    // Like the snapshot's, a failure to read the rebuild records is shown, not a failed page.
+    let (rebuilds, rebuilds_error) = match crate::observe::rebuilds(&*observed.store, None).await {
+        Ok(rebuilds) => (rebuilds, None),
+        Err(e) => (Vec::new(), Some(e.report())),
+    };
+    Json(json!({ "snapshot": snapshot, "not_ready": reasons, "rebuilds": rebuilds, "rebuilds_error": rebuilds_error }))
+        .into_response()
 }
 
 async fn dead_letters(State(observed): Shared, Path(projection): Path<String>) -> Response {

@@ -42,6 +42,7 @@ mod error;
 mod lexer;
 mod metrics;
 mod observe;
+mod progress;
 mod rebuild;
 mod serve;
 mod shadow;

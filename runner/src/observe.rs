@@ -66,6 +66,65 @@ impl Paused {
     }
 }
 
+/// A rebuild record, as `status --json` and the console's `/api/status` show it.
+#[derive(Debug, Serialize)]
+pub(crate) struct Rebuild {
+    pub(crate) projection: String,
+    /// The rebuilding process, `host:pid:suffix`.
+    pub(crate) owner: String,
+    /// `in_place` or `shadow`.
+    pub(crate) mode: &'static str,
+    pub(crate) started_at: String,
+    pub(crate) updated_at: String,
+    pub(crate) total: u64,
+    pub(crate) done: u64,
+    /// Events per second.
+    pub(crate) rate: f64,
+    pub(crate) eta_seconds: Option<f64>,
+    /// `running`, `swapped_in`, `resumed`, `left_paused`, `failed` or `interrupted`.
+    pub(crate) outcome: &'static str,
+    /// Why it failed.
+    pub(crate) reason: Option<String>,
+    /// Running, but not written for `stale_after_seconds` by the store's clock: its process died.
+    pub(crate) stale: bool,
+    pub(crate) stale_after_seconds: f64,
+    /// Since the last write, by the store's clock.
+    pub(crate) seconds_since_update: f64,
+}
+
+impl Rebuild {
+    fn of(record: annal_projections::RebuildProgress) -> Rebuild {
+        let time = |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        Rebuild {
+            stale: record.stale(),
+            mode: record.mode.as_str(),
+            started_at: time(record.started_at),
+            updated_at: time(record.updated_at),
+            total: record.update.total,
+            done: record.update.done,
+            rate: record.update.rate,
+            eta_seconds: record.update.eta.map(|eta| eta.as_secs_f64()),
+            outcome: record.update.outcome.as_str(),
+            reason: record.update.outcome.reason().map(str::to_owned),
+            stale_after_seconds: record.stale_after.as_secs_f64(),
+            seconds_since_update: record.age.as_secs_f64(),
+            projection: record.projection,
+            owner: record.owner,
+        }
+    }
+}
+
+/// The rebuild records of every projection (only of `only`, if given); none from a store that
+/// keeps none.
+pub(crate) async fn rebuilds(store: &dyn ProjectionStore, only: Option<&str>) -> crate::Result<Vec<Rebuild>> {
+    let records = match store.rebuilds().await {
+        Ok(records) => records,
+        Err(annal_projections::Error::Unsupported(_)) => Vec::new(),
+        Err(error) => return Err(error.into()),
+    };
+    Ok(records.into_iter().filter(|r| only.is_none_or(|name| r.projection == name)).map(Rebuild::of).collect())
+}
+
 #[derive(Debug, Serialize)]
 pub(crate) struct PartitionState {
     pub(crate) partition: u32,

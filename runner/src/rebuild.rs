@@ -4,11 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use annal_projections::{Projection, ProjectionRunner, ProjectionStore};
+use annal_projections::{Projection, ProjectionRunner, ProjectionStore, RebuildMode, RebuildOutcome};
 
 use crate::config::{Config, SqlProjectionConfig};
 use crate::control::Takeover;
 use crate::database::Database;
+use crate::progress::Publisher;
 use crate::{Error, Result, SqlProjection, options_for};
 
 /// How often a rebuild logs its progress when standard error is not a terminal.
@@ -29,20 +30,46 @@ pub(crate) async fn rebuild_in_place(
     let name = projection.name().to_owned();
     let owner = crate::dispatch::owner_name();
     let lease = crate::dispatch::lease(config);
-    let takeover = Takeover::start(&*store, &name, &owner, "rebuild --in-place", lease).await?;
+    let progress = Publisher::start(store.clone(), &name, &owner, RebuildMode::InPlace, lease).await;
+    let takeover = match Takeover::start(&*store, &name, &owner, "rebuild --in-place", lease).await {
+        Ok(takeover) => takeover,
+        Err(error) => {
+            progress.end(RebuildOutcome::Failed { reason: error.report() }).await;
+            return Err(error);
+        }
+    };
     let work = async {
         let reset_at = chrono::Utc::now();
         let started = std::time::Instant::now();
         database.execute(reset, true).await?;
         store.reset(&name).await?;
-        let total = replay(database, store.clone(), config, projection, &name, Some(takeover.owner())).await?;
+        let total =
+            replay(database, store.clone(), config, projection, &name, Some(takeover.owner()), &progress).await?;
         Ok::<_, Error>((total, reset_at, started.elapsed()))
     };
-    let (total, reset_at, took) = tokio::select! {
-        done = work => done.map_err(|e| takeover.failed(e.report()))?,
-        () = stop => return Err(takeover.failed(Error::Interrupted.report())),
+    let done = tokio::select! {
+        done = work => done,
+        () = stop => Err(Error::Interrupted),
     };
-    let resumed = takeover.finish(&*store).await?;
+    let (total, reset_at, took) = match done {
+        Ok(done) => done,
+        Err(Error::Interrupted) => {
+            progress.end(RebuildOutcome::Interrupted).await;
+            return Err(takeover.failed(Error::Interrupted.report()));
+        }
+        Err(error) => {
+            progress.end(RebuildOutcome::Failed { reason: error.report() }).await;
+            return Err(takeover.failed(error.report()));
+        }
+    };
+    let resumed = match takeover.finish(&*store).await {
+        Ok(resumed) => resumed,
+        Err(error) => {
+            progress.end(RebuildOutcome::Failed { reason: error.report() }).await;
+            return Err(error);
+        }
+    };
+    progress.end(if resumed { RebuildOutcome::Resumed } else { RebuildOutcome::LeftPaused }).await;
     out!(
         "rebuilt {name} in place: {total} events replayed in {:.3} s (reset at {}, caught up at {}){}",
         took.as_secs_f64(),
@@ -64,18 +91,43 @@ pub(crate) async fn rebuild_in_shadow(
     live: &SqlProjectionConfig,
     shadow: &SqlProjectionConfig,
 ) -> Result<()> {
-    if has_checkpoints(&*store, &shadow.name, shadow.partitions).await? {
-        out!("resuming the rebuild of {} in its shadow tables", live.name);
-    } else {
-        database.execute(&live.drop_shadow(), true).await?;
-        store.reset(&shadow.name).await?;
+    let stop = crate::serve::shutdown_signal();
+    let owner = crate::dispatch::owner_name();
+    let lease = crate::dispatch::lease(config);
+    let progress = Publisher::start(store.clone(), &live.name, &owner, RebuildMode::Shadow, lease).await;
+    let work = async {
+        if has_checkpoints(&*store, &shadow.name, shadow.partitions).await? {
+            out!("resuming the rebuild of {} in its shadow tables", live.name);
+        } else {
+            database.execute(&live.drop_shadow(), true).await?;
+            store.reset(&shadow.name).await?;
+        }
+        let projection = SqlProjection::new(shadow)?;
+        database.check(&shadow.setup, std::slice::from_ref(&projection), true).await?;
+        let total = replay(database, store.clone(), config, Arc::new(projection), &live.name, None, &progress).await?;
+        store.promote(&shadow.name, &live.name, &live.promotion(database.is_postgres())).await?;
+        Ok::<_, Error>(total)
+    };
+    // An interrupt leaves the shadow and its checkpoints: the next rebuild resumes from them.
+    let done = tokio::select! {
+        done = work => done,
+        () = stop => Err(Error::Interrupted),
+    };
+    match done {
+        Ok(total) => {
+            progress.end(RebuildOutcome::SwappedIn).await;
+            out!("rebuilt {} in shadow tables and swapped them in: {total} events replayed", live.name);
+            Ok(())
+        }
+        Err(Error::Interrupted) => {
+            progress.end(RebuildOutcome::Interrupted).await;
+            Err(Error::Interrupted)
+        }
+        Err(error) => {
+            progress.end(RebuildOutcome::Failed { reason: error.report() }).await;
+            Err(error)
+        }
     }
-    let projection = SqlProjection::new(shadow)?;
-    database.check(&shadow.setup, std::slice::from_ref(&projection), true).await?;
-    let total = replay(database, store.clone(), config, Arc::new(projection), &live.name, None).await?;
-    store.promote(&shadow.name, &live.name, &live.promotion(database.is_postgres())).await?;
-    out!("rebuilt {} in shadow tables and swapped them in: {total} events replayed", live.name);
-    Ok(())
 }
 
 /// Whether projection `name` has moved the checkpoint of any of its `partitions`.
@@ -89,7 +141,8 @@ pub(crate) async fn has_checkpoints(store: &dyn ProjectionStore, name: &str, par
 }
 
 /// Runs `projection` alone until it reaches the head as it was when the replay started,
-/// showing progress; returns how many events that was. `options_of` names the configured
+/// showing progress on the terminal, in the log (without a terminal) and in the rebuild record
+/// (`progress`); returns how many events that was. `options_of` names the configured
 /// projection whose retry settings apply; `owner`, the name to run it under (that of a
 /// takeover's pause).
 async fn replay(
@@ -99,6 +152,7 @@ async fn replay(
     projection: Arc<dyn Projection>,
     options_of: &str,
     owner: Option<&str>,
+    progress: &Publisher,
 ) -> Result<u64> {
     let name = projection.name().to_owned();
     let filter = projection.filter();
@@ -125,6 +179,7 @@ async fn replay(
         let checkpoint = running.checkpoint(&name).await?;
         let done = total - events.count(checkpoint, head, &filter).await?.min(total);
         bar.set_position(done);
+        progress.progress(done, total);
         if logged && last_log.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
             last_log = Some(std::time::Instant::now());
             tracing::info!(projection = %name, done, total, "rebuild progress");

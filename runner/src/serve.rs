@@ -19,6 +19,7 @@ pub(crate) async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let handle = crate::metrics::install()?;
+    crate::metrics::register_backend(if observed.database.is_postgres() { "postgres" } else { "sqlite" });
     let observed = Arc::new(observed);
     let metrics = move |State(observed): State<Arc<Observed>>| async move {
         crate::metrics::render(handle, &observed.snapshot().await)

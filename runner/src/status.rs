@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::config::{Config, SqlProjectionConfig};
 use crate::database::Database;
+use crate::observe::Rebuild;
 use crate::rebuild::has_checkpoints;
 use crate::{Error, Result, SqlProjection};
 
@@ -56,8 +57,10 @@ pub(crate) async fn status(
     extra: &[Arc<dyn Projection>],
     options: StatusOptions,
 ) -> Result<()> {
+    let only = options.projection.as_deref();
     let Some(every) = options.watch else {
-        return print(&rows(database, store, config, extra, options.projection.as_deref()).await?, options.json);
+        let rows = rows(database, store, config, extra, only).await?;
+        return print(&rows, &crate::observe::rebuilds(store, only).await?, options.json);
     };
     if !every.is_finite() || every <= 0.0 {
         return Err(Error::InvalidArgument(format!("--watch {every}: give a positive number of seconds")));
@@ -65,7 +68,8 @@ pub(crate) async fn status(
     let stop = crate::serve::shutdown_signal();
     tokio::pin!(stop);
     loop {
-        let rows = rows(database, store, config, extra, options.projection.as_deref()).await?;
+        let rows = rows(database, store, config, extra, only).await?;
+        let rebuilds = crate::observe::rebuilds(store, only).await?;
         if !options.json {
             use std::io::IsTerminal;
             if std::io::stdout().is_terminal() {
@@ -75,7 +79,7 @@ pub(crate) async fn status(
                 out!("{}", chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC"));
             }
         }
-        print(&rows, options.json)?;
+        print(&rows, &rebuilds, options.json)?;
         tokio::select! {
             () = &mut stop => return Ok(()),
             () = tokio::time::sleep(Duration::from_secs_f64(every)) => {}
@@ -83,9 +87,9 @@ pub(crate) async fn status(
     }
 }
 
-fn print(rows: &[Row], json: bool) -> Result<()> {
+fn print(rows: &[Row], rebuilds: &[Rebuild], json: bool) -> Result<()> {
     if json {
-        out!("{}", serde_json::json!({ "partitions": rows }));
+        out!("{}", serde_json::json!({ "partitions": rows, "rebuilds": rebuilds }));
         return Ok(());
     }
     out!(
@@ -125,7 +129,49 @@ fn print(rows: &[Row], json: bool) -> Result<()> {
     for pause in pauses {
         out!("{pause}");
     }
+    for rebuild in rebuilds {
+        out!("{}", rebuild_line(rebuild));
+    }
     Ok(())
+}
+
+/// One line per rebuild record: who, how far, how fast, and how it ended (or that its process
+/// died).
+fn rebuild_line(r: &Rebuild) -> String {
+    if r.total == 0 && r.outcome == "running" && !r.stale {
+        return format!(
+            "rebuild of {} ({}) by {} since {}: counting the events to replay",
+            r.projection,
+            r.mode.replace('_', "-"),
+            r.owner,
+            r.started_at
+        );
+    }
+    let percent = if r.total == 0 { 100.0 } else { r.done as f64 * 100.0 / r.total as f64 };
+    let eta = r.eta_seconds.filter(|_| !r.stale).map_or(String::new(), |s| format!(", eta {s:.0} s"));
+    let outcome = if r.stale {
+        format!(
+            "STALE: running but not written for {:.1} s (stale after {:.1} s): its process died; rebuild again{}",
+            r.seconds_since_update,
+            r.stale_after_seconds,
+            if r.mode == "shadow" { " to resume from its shadow" } else { " (the projection is still paused)" }
+        )
+    } else {
+        match &r.reason {
+            Some(reason) => format!("{}: {reason}", r.outcome),
+            None => r.outcome.replace('_', " "),
+        }
+    };
+    format!(
+        "rebuild of {} ({}) by {} since {}: {}/{} events ({percent:.1}%), {:.0} events/s{eta}, {outcome}",
+        r.projection,
+        r.mode.replace('_', "-"),
+        r.owner,
+        r.started_at,
+        r.done,
+        r.total,
+        r.rate
+    )
 }
 
 /// Every projection partition's checkpoint, lag, dead letters and lease; only `only`'s (and its
@@ -199,4 +245,47 @@ pub(crate) async fn rows(
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(total: u64, done: u64, outcome: &'static str, reason: Option<&str>, stale: bool) -> Rebuild {
+        Rebuild {
+            projection: "ledger".into(),
+            owner: "host:7:ab".into(),
+            mode: "shadow",
+            started_at: "T".into(),
+            updated_at: "U".into(),
+            total,
+            done,
+            rate: 1234.4,
+            eta_seconds: (outcome == "running").then_some(4.6),
+            outcome,
+            reason: reason.map(str::to_owned),
+            stale,
+            stale_after_seconds: 3.0,
+            seconds_since_update: if stale { 7.25 } else { 0.5 },
+        }
+    }
+
+    #[test]
+    fn a_line_per_rebuild_says_how_far_and_how_it_ended() {
+        let head = "rebuild of ledger (shadow) by host:7:ab since T: ";
+        let cases = [
+            (record(0, 0, "running", None, false), "counting the events to replay"),
+            (record(1000, 400, "running", None, false), "400/1000 events (40.0%), 1234 events/s, eta 5 s, running"),
+            (
+                record(1000, 400, "running", None, true),
+                "400/1000 events (40.0%), 1234 events/s, STALE: running but not written for 7.2 s \
+                 (stale after 3.0 s): its process died; rebuild again to resume from its shadow",
+            ),
+            (record(1000, 1000, "swapped_in", None, false), "1000/1000 events (100.0%), 1234 events/s, swapped in"),
+            (record(1000, 10, "failed", Some("boom"), false), "10/1000 events (1.0%), 1234 events/s, failed: boom"),
+        ];
+        for (rebuild, expected) in cases {
+            assert_eq!(rebuild_line(&rebuild), format!("{head}{expected}"));
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! The console end to end in headless Chromium, driven over chromedriver's WebDriver protocol
 //! (a few JSON requests, so no driver crate): the page loads, the lag chart follows appends, a
 //! retry without the token is refused, and a retry with it reaches the read model; a pause
-//! without the token is refused, with it the runner lets go, and a resume catches up.
+//! without the token is refused, with it the runner lets go, and a resume catches up; rebuild
+//! records show as progress bars with their figures, and a stale one as stale.
 //! `scripts/test` and `.ci/run` install Debian's `chromium` and `chromium-driver` when missing.
 #![cfg(feature = "sqlite")]
 
@@ -10,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use annal_eventstore::{SqliteEventStore, StreamName};
+use annal_projections::ProjectionStore;
 use serde_json::{Value, json};
 
 #[path = "support/local.rs"]
@@ -219,6 +221,38 @@ async fn the_console_in_chromium() {
     deposit(&store, "account-2", &[10]).await;
     browser
         .until("the paused row", "return document.querySelector('#projections tbody').textContent.includes('paused')")
+        .await;
+    // Rebuilds: a running one's progress bar and figures, and a stale one (its process died).
+    let records = annal_projections::SqliteProjectionStore::migrated(&store).await.unwrap();
+    let owner = "builder-7:4242:5f1c09ab";
+    let hour = Duration::from_secs(3600);
+    records.start_rebuild("ledger", owner, annal_projections::RebuildMode::Shadow, hour).await.unwrap();
+    let update = annal_projections::RebuildUpdate {
+        total: 1000,
+        done: 400,
+        rate: 250.0,
+        eta: Some(Duration::from_millis(2400)),
+        outcome: annal_projections::RebuildOutcome::Running,
+    };
+    assert!(records.update_rebuild("ledger", owner, &update).await.unwrap());
+    records
+        .start_rebuild("stuck", "builder-8:99:0d1e2f3a", annal_projections::RebuildMode::InPlace, Duration::ZERO)
+        .await
+        .unwrap();
+    let held = annal_projections::RebuildUpdate { total: 5000, done: 1800, rate: 900.0, ..update };
+    assert!(records.update_rebuild("stuck", "builder-8:99:0d1e2f3a", &held).await.unwrap());
+    let bar = "document.querySelector('#rebuilds tr.rebuild[data-projection=ledger] progress')";
+    browser.until("the rebuild's progress bar", &format!("return {bar} !== null")).await;
+    assert_eq!(browser.run(&format!("return [{bar}.value, {bar}.max]")), json!([400, 1000]));
+    let row = browser.run("return document.querySelector('#rebuilds tr.rebuild[data-projection=ledger]').textContent");
+    for shown in ["40.0%", "400 / 1000", "250 events/s", "2 s", owner, "running"] {
+        assert!(row.as_str().unwrap().contains(shown), "{shown} in {row}");
+    }
+    browser
+        .until(
+            "the stale rebuild",
+            "return document.querySelector('#rebuilds tr.rebuild[data-projection=stuck]')?.dataset.stale === 'yes'",
+        )
         .await;
     // `ANNAL_CONSOLE_SCREENSHOT=docs/console.png` keeps this state as the docs' picture.
     if let Ok(path) = std::env::var("ANNAL_CONSOLE_SCREENSHOT") {

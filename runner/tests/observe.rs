@@ -168,6 +168,14 @@ async fn metrics_are_prometheus_text_with_counters_gauges_and_histograms() {
     assert!(!idle.has("annal_projection_latency_seconds_bucket"), "{idle:#?}");
     assert_eq!(idle.value("annal_projection_running", &[("projection", "ledger")]), Some(1.0));
     assert_eq!(idle.value("annal_log_readable", &[]), Some(1.0));
+    // The store's append histogram is there before any append: registered at start.
+    assert_eq!(
+        idle.types.get("annal_store_append_duration_seconds").map(String::as_str),
+        Some("histogram"),
+        "{idle:#?}"
+    );
+    let appends = [("backend", "sqlite"), ("outcome", "ok")];
+    assert_eq!(idle.value("annal_store_append_duration_seconds_count", &appends), Some(0.0), "{idle:#?}");
 
     deposit(&store, 1, &[5, 7, 9]).await;
     deposit(&store, 2, &[-1]).await;

@@ -147,19 +147,29 @@ async fn a_rebuild_into_shadow_tables_swaps_in_under_a_live_partitioned_runner()
             total
         })
     };
-    let output = tokio::task::spawn_blocking(move || annal(&config, &["rebuild", "ledger"])).await.unwrap();
+    let rebuilding = config.clone();
+    let output = tokio::task::spawn_blocking(move || annal(&rebuilding, &["rebuild", "ledger"])).await.unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("swapped them in"));
     total += writer.await.unwrap();
     setup.until("after the swap", |(count, sum)| (count, sum) == (3200, total)).await;
     let leftovers: i64 = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM pg_class WHERE relname LIKE '%rebuild%' AND pg_table_is_visible(oid)) \
+        "SELECT (SELECT count(*) FROM pg_class WHERE relname LIKE '%rebuild%' AND relname NOT LIKE 'annal_rebuilds%' \
+                 AND pg_table_is_visible(oid)) \
          + (SELECT count(*) FROM annal_checkpoints WHERE projection LIKE '%rebuild%')",
     )
     .fetch_one(&setup.pool)
     .await
     .unwrap();
     assert_eq!(leftovers, 0, "shadow tables, indexes or checkpoints left behind");
+    // The rebuild's record says how it ended, as another process's `status --json` shows it.
+    let status = annal(&config, &["status", "--json"]);
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let record = &status["rebuilds"][0];
+    assert_eq!((record["projection"].as_str(), record["mode"].as_str()), (Some("ledger"), Some("shadow")), "{status}");
+    assert_eq!((record["outcome"].as_str(), record["stale"].as_bool()), (Some("swapped_in"), Some(false)), "{status}");
+    assert!(record["total"].as_u64() >= Some(3000) && record["done"] == record["total"], "{status}");
     terminate(live);
 }
 
@@ -279,7 +289,8 @@ async fn commands_print_no_postgres_notices() {
 /// `annal_store_oldest_transaction_seconds` on `/metrics`: a transaction held open (with a
 /// transaction id) shows as its age, growing; once it commits the gauge falls below that age.
 /// (The gauge is cluster-wide: another test's transaction may show too, but never a younger one
-/// in place of ours, so "at least our age" holds while ours is open.)
+/// in place of ours, so "at least our age" holds while ours is open.) The idle scrape also
+/// shows the append histogram, with no sample.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_oldest_transaction_gauge_shows_a_transaction_held_open() {
     const GAUGE: &str = "annal_store_oldest_transaction_seconds";
@@ -291,6 +302,9 @@ async fn the_oldest_transaction_gauge_shows_a_transaction_held_open() {
         assert!(Instant::now() < deadline, "the runner never served {GAUGE}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Beside it, the store's append histogram, registered at start for this runner's backend.
+    let appends = "annal_store_append_duration_seconds_count{backend=\"postgres\",outcome=\"ok\"}";
+    assert_eq!(gauge(&config, appends), Some(0.0), "an idle runner's scrape shows {appends}");
     let mut held = setup.pool.begin().await.unwrap();
     sqlx::query("SELECT pg_current_xact_id()").execute(&mut *held).await.unwrap();
     let opened = Instant::now();
