@@ -261,14 +261,19 @@ impl Worker<'_> {
         let (partition, until, len) = (self.options.partition, page.next, page.events.len());
         let span = crate::trace::batch_span(self.name(), partition, from, until, &page.events);
         let started = std::time::Instant::now();
-        let process = self.process(from, page, cancel).instrument(span);
         let read = follower.next_page();
-        tokio::pin!(process, read);
+        tokio::pin!(read);
         let mut next = None;
-        let outcome = loop {
-            tokio::select! {
-                outcome = &mut process => break outcome,
-                page = &mut read, if next.is_none() => next = Some(page),
+        let outcome = {
+            // Dropped at the end of this block, which ends the batch's span: it must not stay
+            // open while the read waits for new events.
+            let process = self.process(from, page, cancel).instrument(span);
+            tokio::pin!(process);
+            loop {
+                tokio::select! {
+                    outcome = &mut process => break outcome,
+                    page = &mut read, if next.is_none() => next = Some(page),
+                }
             }
         };
         crate::metrics::batch(self.name(), partition, self.phase(len), started.elapsed());
