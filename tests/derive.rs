@@ -1,5 +1,5 @@
 //! The derive macros end to end: stored names, versions and upcasting of `#[derive(Event)]`,
-//! the wiring of `#[derive(Aggregate)]`, and their compile errors (trybuild).
+//! the wiring of `#[derive(Aggregate)]`. (Their compile errors: `macros/tests/compile_errors.rs`.)
 #![cfg(feature = "derive")]
 
 use annal::{Aggregate, Event, EventStore, ExpectedVersion, MemoryEventStore, NewEvent, StreamName};
@@ -122,13 +122,6 @@ fn aggregate_wiring() {
     assert_eq!(<Ledger as Aggregate>::CATEGORY, "ledger");
     assert_eq!(Ledger::stream_name("main").unwrap().as_str(), "ledger-main");
     assert_eq!(Ledger::snapshot_policy(), annal::SnapshotPolicy::Never);
-}
-
-#[test]
-fn compile_errors_point_at_the_mistake() {
-    let cases = trybuild::TestCases::new();
-    cases.pass("tests/ui/pass/*.rs");
-    cases.compile_fail("tests/ui/fail/*.rs");
 }
 
 proptest::proptest! {
