@@ -218,6 +218,30 @@ async fn an_open_writing_transaction_holds_subscribers_back_until_it_ends() {
 /// an open transaction that took an id but appends nothing (whose end sends no wake-up), it
 /// re-polls quickly and resumes within milliseconds of the end, not after its poll interval.
 #[cfg(feature = "projections")]
+/// A filtered page skips unselected events and moves the reader to the head it read: never
+/// past a selected event that an open transaction is still writing, though unselected events
+/// committed after that transaction began are already in the log.
+#[tokio::test]
+async fn a_filtered_page_never_moves_past_a_selected_event_still_being_written() {
+    let store = store(5).await;
+    let store_append = |store: &PgEventStore, stream: &StreamName, kind: &'static str| {
+        let (store, stream) = (store.clone(), stream.clone());
+        async move { store.append(&stream, ExpectedVersion::Any, vec![NewEvent::new(kind, json!({}))]).await.unwrap() }
+    };
+    let selected = Filter::event_types(["Selected"]);
+    store_append(&store, &StreamName::new("other-0").unwrap(), "Unselected").await;
+    let mut held = store.begin().await.unwrap();
+    let wanted = StreamName::new("wanted-1").unwrap();
+    held.append(&wanted, ExpectedVersion::NoStream, vec![NewEvent::new("Selected", json!({}))]).await.unwrap();
+    let later = store_append(&store, &StreamName::new("other-1").unwrap(), "Unselected").await;
+    let page = store.read_all_page(Position::START, &selected, 10).await.unwrap();
+    assert!(page.events.is_empty(), "{:?}", page.events);
+    assert!(page.next < later.position(), "the reader moved past an open transaction's event");
+    held.commit().await.unwrap();
+    let written: Vec<RecordedEvent> = store.read_all(page.next, selected.clone()).try_collect().await.unwrap();
+    assert_eq!(written.iter().map(|e| &e.stream).collect::<Vec<_>>(), [&wanted]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projection_held_back_by_an_open_transaction_resumes_within_milliseconds_after_it_ends() {
     use annal::projections::{Delivery, MemoryProjectionStore, Projection, ProjectionRunner, Tx, WorkerOptions};

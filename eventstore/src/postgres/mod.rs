@@ -540,8 +540,15 @@ fn decode(row: &PgRow) -> Result<RecordedEvent> {
 /// The columns [`decode`] takes by index, in this order.
 macro_rules! select_events {
     () => {
-        "SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data::text AS data, \
-         metadata::text AS metadata, recorded_at FROM annal_events"
+        concat!("SELECT ", event_columns!(), " FROM annal_events")
+    };
+}
+
+/// [`select_events!`]'s columns.
+macro_rules! event_columns {
+    () => {
+        "tx_id, seq, event_id, stream, version, event_type, schema_version, data::text AS data, \
+         metadata::text AS metadata, recorded_at"
     };
 }
 
@@ -553,6 +560,32 @@ macro_rules! horizon {
     };
 }
 const HORIZON: &str = horizon!();
+
+/// The head as a row of a filtered page: [`select_events!`]'s columns null, then the head's
+/// position at [`PAGE_HEAD`]. No row when the log is empty.
+macro_rules! head_row {
+    () => {
+        concat!(
+            "SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, tx_id, seq FROM annal_events \
+             WHERE tx_id < ",
+            horizon!(),
+            " ORDER BY tx_id DESC, seq DESC LIMIT 1"
+        )
+    };
+}
+
+/// The index of the head's first column in a filtered page's rows, after [`select_events!`]'s.
+const PAGE_HEAD: usize = 10;
+
+/// A filtered page's row: the event's, or `None` when it is the head's row (the head is then
+/// stored in `head`).
+fn event_or_head(row: PgRow, head: &mut Position) -> Result<Option<PgRow>, sqlx::Error> {
+    if row.try_get::<Option<i64>, _>(0)?.is_some() {
+        return Ok(Some(row));
+    }
+    *head = position(row.try_get(PAGE_HEAD)?, row.try_get(PAGE_HEAD + 1)?);
+    Ok(None)
+}
 
 /// Appends the filter's selection (categories, event types, partition, data) as ` AND ...`, every
 /// value bound.
@@ -612,16 +645,31 @@ impl EventStore for PgEventStore {
 
     async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page> {
         check_limit(limit)?;
-        // The head read first is below the page's later horizon, so a short page has seen
-        // every selected event up to it: the reader may move there.
-        let head_before = if filter.is_all() { from } else { self.head().await? };
-        let mut q = QueryBuilder::<Postgres>::new(concat!(select_events!(), " WHERE (tx_id, seq) > ("));
+        let mut q = QueryBuilder::<Postgres>::new(if filter.is_all() {
+            concat!("(", select_events!(), " WHERE (tx_id, seq) > (")
+        } else {
+            // Room for the head's columns (see below).
+            concat!("(SELECT ", event_columns!(), ", NULL::int8, NULL::int8 FROM annal_events WHERE (tx_id, seq) > (")
+        });
         q.push_bind(to_i64(from.transaction())).push(", ").push_bind(to_i64(from.sequence()));
         q.push(format_args!(") AND tx_id < {HORIZON}"));
         push_selection(&mut q, filter);
-        q.push(" ORDER BY tx_id, seq LIMIT ").push_bind(to_i64(limit as u64));
-        let (events, stopped) = decode_rows(q.build().fetch(&self.pool), limit, decode).await?;
-        Ok(Page::after(from, events, limit, head_before, stopped))
+        q.push(" ORDER BY tx_id, seq LIMIT ").push_bind(to_i64(limit as u64)).push(")");
+        if filter.is_all() {
+            let (events, stopped) = decode_rows(q.build().fetch(&self.pool), limit, decode).await?;
+            return Ok(Page::after(from, events, limit, from, stopped));
+        }
+        // A filtered page skips events, so the reader needs the head to move past them. The
+        // same statement reads it, in the same snapshot and below the same horizon, so a short
+        // page has seen every selected event up to it: one round trip. It is the last row,
+        // its event columns null (the union is merged in order, not sorted).
+        q.push(concat!(" UNION ALL (", head_row!(), ") ORDER BY 1, 2"));
+        let mut head = Position::START;
+        let rows = futures::TryStreamExt::try_filter_map(q.build().fetch(&self.pool), |row| {
+            std::future::ready(event_or_head(row, &mut head))
+        });
+        let (events, stopped) = decode_rows(rows, limit, decode).await?;
+        Ok(Page::after(from, events, limit, head, stopped))
     }
 
     async fn read_event(&self, id: Uuid) -> Result<Option<RecordedEvent>> {
