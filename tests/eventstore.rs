@@ -54,6 +54,60 @@ mod memory {
     crate::conformance::suite!(async { (annal::MemoryEventStore::new(), ()) });
 }
 
+/// The memory store behind a wrapper that implements only what a backend must, and the
+/// snapshots: every provided method (`append_with_snapshot`, `count`, `stream_version`, the
+/// reads as streams, subscriptions) is the trait's default, which must pass the suite too.
+mod defaults {
+    use annal::{
+        AppendResult, Direction, EventStore, ExpectedVersion, Filter, MemoryEventStore, NewEvent, Page, Position,
+        RecordedEvent, Result, Snapshot, StreamName, Wakeup,
+    };
+
+    #[derive(Clone, Default)]
+    struct Required(MemoryEventStore);
+
+    #[annal::async_trait]
+    impl EventStore for Required {
+        async fn append(
+            &self,
+            stream: &StreamName,
+            expected: ExpectedVersion,
+            events: Vec<NewEvent>,
+        ) -> Result<AppendResult> {
+            self.0.append(stream, expected, events).await
+        }
+        async fn read_stream_page(
+            &self,
+            stream: &StreamName,
+            direction: Direction,
+            from: u64,
+            limit: usize,
+        ) -> Result<Vec<RecordedEvent>> {
+            self.0.read_stream_page(stream, direction, from, limit).await
+        }
+        async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page> {
+            self.0.read_all_page(from, filter, limit).await
+        }
+        async fn read_event(&self, id: uuid::Uuid) -> Result<Option<RecordedEvent>> {
+            self.0.read_event(id).await
+        }
+        async fn head(&self) -> Result<Position> {
+            self.0.head().await
+        }
+        async fn load_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>> {
+            self.0.load_snapshot(stream).await
+        }
+        async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
+            self.0.save_snapshot(stream, snapshot).await
+        }
+        fn wakeup(&self) -> Wakeup {
+            self.0.wakeup()
+        }
+    }
+
+    crate::conformance::suite!(async { (Required::default(), ()) });
+}
+
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use annal::SqliteEventStore;

@@ -78,6 +78,30 @@ pub(crate) fn first_version(stream: &StreamName, expected: ExpectedVersion, curr
     Ok(current.map_or(0, |v| v + 1))
 }
 
+/// Checks a snapshot to be written with an append of `count` events: it must be at the version
+/// the append ends at, so `expected` must name the version the append starts after. Returns
+/// the snapshot's state as JSON text, checked as [`save_snapshot`](crate::EventStore::save_snapshot)
+/// checks it.
+pub(crate) fn check_snapshot_with_append(
+    expected: ExpectedVersion,
+    count: usize,
+    snapshot: &crate::Snapshot,
+) -> Result<String> {
+    let invalid = |reason| Error::InvalidArgument { reason };
+    let first = match expected {
+        ExpectedVersion::Exact(version) => version.checked_add(1),
+        ExpectedVersion::NoStream => Some(0),
+        ExpectedVersion::Any | ExpectedVersion::StreamExists => {
+            return Err(invalid("a snapshot written with an append needs an exact expected version or NoStream"));
+        }
+    };
+    let last = first.and_then(|first| first.checked_add(count.checked_sub(1)? as u64));
+    if last != Some(snapshot.version) {
+        return Err(invalid("a snapshot written with an append is at the version the append ends at"));
+    }
+    Ok(crate::event::encode_snapshot(snapshot)?.1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,14 @@ impl Default for MemoryEventStore {
     }
 }
 
+/// Stores `snapshot` unless the stream has one at a later version of the same schema.
+fn keep_snapshot(log: &mut Log, stream: &StreamName, snapshot: Snapshot) {
+    let newer = |old: &Snapshot| old.version < snapshot.version || old.schema_version != snapshot.schema_version;
+    if log.snapshots.get(stream).is_none_or(newer) {
+        log.snapshots.insert(stream.clone(), snapshot);
+    }
+}
+
 fn position_of(index: usize) -> Position {
     Position::new(0, index as u64 + 1)
 }
@@ -84,6 +92,7 @@ impl MemoryEventStore {
         stream: &StreamName,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
+        snapshot: Option<Snapshot>,
     ) -> Result<AppendResult> {
         let encoded = encode_batch(events, self.max_event_size)?;
         let ids: Vec<_> = encoded.iter().map(|e| e.event.id).collect();
@@ -121,6 +130,9 @@ impl MemoryEventStore {
                     recorded_at,
                 });
             }
+            if let Some(snapshot) = snapshot {
+                keep_snapshot(&mut log, stream, snapshot);
+            }
             AppendResult::new(first + positions.len() as u64 - 1, positions)
         };
         self.notifier.notify_up_to(result.position());
@@ -136,8 +148,26 @@ impl EventStore for MemoryEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        crate::metrics::append("memory", stream, events.len(), async { self.append_now(stream, expected, events) })
-            .await
+        crate::metrics::append("memory", stream, events.len(), async {
+            self.append_now(stream, expected, events, None)
+        })
+        .await
+    }
+
+    async fn append_with_snapshot(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        snapshot: &Snapshot,
+    ) -> Result<AppendResult> {
+        crate::append::check_snapshot_with_append(expected, events.len(), snapshot)?;
+        let (state, _) = encode_snapshot(snapshot)?;
+        let snapshot = Snapshot::new(snapshot.version, snapshot.schema_version, state);
+        crate::metrics::append("memory", stream, events.len(), async {
+            self.append_now(stream, expected, events, Some(snapshot))
+        })
+        .await
     }
 
     async fn read_stream_page(
@@ -192,12 +222,7 @@ impl EventStore for MemoryEventStore {
 
     async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
         let (state, _) = encode_snapshot(snapshot)?;
-        let snapshot = &Snapshot::new(snapshot.version, snapshot.schema_version, state);
-        let mut log = self.write();
-        let newer = |old: &Snapshot| old.version < snapshot.version || old.schema_version != snapshot.schema_version;
-        if log.snapshots.get(stream).is_none_or(newer) {
-            log.snapshots.insert(stream.clone(), snapshot.clone());
-        }
+        keep_snapshot(&mut self.write(), stream, Snapshot::new(snapshot.version, snapshot.schema_version, state));
         Ok(())
     }
 

@@ -259,6 +259,58 @@ pub trait EventStore: Send + Sync {
         Ok(())
     }
 
+    /// Appends `events` as [`append`](Self::append) does and stores `snapshot` as
+    /// [`save_snapshot`](Self::save_snapshot) does, in the same commit on the SQL backends and
+    /// the memory store: the snapshot is written exactly when the events are, so it never
+    /// describes a version the stream does not have. An idempotent retry returns the original
+    /// result and writes nothing. This is how [`Repository`](crate::Repository) writes its
+    /// snapshots: a command that takes one costs no second round trip or commit.
+    ///
+    /// `snapshot.version` must be the version the append ends at, so `expected` must be
+    /// [`Exact`](ExpectedVersion::Exact) or [`NoStream`](ExpectedVersion::NoStream).
+    ///
+    /// The default (for stores that do not override it) appends, then saves the snapshot: a
+    /// failure to save it is logged, not returned, since the events are committed.
+    ///
+    /// # Errors
+    /// As [`append`](Self::append), and [`Error::InvalidArgument`] for a snapshot that is not at
+    /// the version the append ends at, an expectation without a version, or a state that
+    /// [`save_snapshot`](Self::save_snapshot) refuses: then nothing is written.
+    ///
+    /// ```
+    /// use annal_eventstore::{EventStore, ExpectedVersion, MemoryEventStore, NewEvent, Snapshot, StreamName};
+    /// use serde_json::json;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> annal_eventstore::Result<()> {
+    /// let store = MemoryEventStore::new();
+    /// let stream = StreamName::new("counter-1")?;
+    /// let events = vec![NewEvent::new("Added", json!(2)), NewEvent::new("Added", json!(3))];
+    /// // Two events after version 4 end at version 6; the state after them is 5.
+    /// store.append(&stream, ExpectedVersion::Any, (0..5).map(|_| NewEvent::new("Added", json!(0))).collect()).await?;
+    /// let snapshot = Snapshot::new(6, 1, json!({ "total": 5 }));
+    /// store.append_with_snapshot(&stream, ExpectedVersion::Exact(4), events, &snapshot).await?;
+    /// assert_eq!(store.load_snapshot(&stream).await?, Some(snapshot));
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn append_with_snapshot(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        snapshot: &Snapshot,
+    ) -> Result<AppendResult> {
+        crate::append::check_snapshot_with_append(expected, events.len(), snapshot)?;
+        let result = self.append(stream, expected, events).await?;
+        if !result.already_written
+            && let Err(error) = self.save_snapshot(stream, snapshot).await
+        {
+            tracing::warn!(%stream, version = snapshot.version, %error, "appended, but could not write a snapshot");
+        }
+        Ok(result)
+    }
+
     /// A wake-up that fires (coalesced) after events may have been committed, so subscribers
     /// poll at once instead of waiting for their poll interval.
     fn wakeup(&self) -> Wakeup;

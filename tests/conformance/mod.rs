@@ -28,7 +28,8 @@ macro_rules! suite {
             read_all_filters_and_moves_past_unselected, one_winner_among_concurrent_appenders,
             concurrent_writers_are_seen_once_in_order, subscription_catches_up_then_follows_live,
             slow_subscriber_does_not_block_writers, large_batch_is_atomic, json_round_trips_exactly,
-            snapshots_keep_the_newest, partitions_split_the_log_in_the_store,
+            snapshots_keep_the_newest, appends_with_a_snapshot_write_both_or_neither,
+            partitions_split_the_log_in_the_store,
             many_subscriptions_each_get_exactly_their_events,
             what_can_be_stored_reads_back_and_the_rest_is_refused, numbers_read_back_alike,
             positions_past_the_head_read_nothing, a_limit_of_zero_is_an_argument_error,
@@ -605,6 +606,89 @@ pub(crate) async fn snapshots_keep_the_newest<S: EventStore>(store: S) {
     store.save_snapshot(&s, &big).await.unwrap();
     let loaded = store.load_snapshot(&s).await.unwrap().unwrap();
     assert_eq!(loaded.state, json!({ "total": 10_000_000_000_000_000u64, "deep": nested(99) }));
+}
+
+/// `append_with_snapshot` stores the snapshot exactly when it stores the events: never for a
+/// conflict, a duplicate, an idempotent retry or bad input, and never replacing a newer one.
+pub(crate) async fn appends_with_a_snapshot_write_both_or_neither<S: EventStore>(store: S) {
+    let s = stream("snapped-1");
+    let snap = |version, schema, total| annal::Snapshot::new(version, schema, json!({ "total": total }));
+    store.append(&s, ExpectedVersion::NoStream, events(0..3)).await.unwrap();
+    let batch = events(3..5);
+    let written =
+        store.append_with_snapshot(&s, ExpectedVersion::Exact(2), batch.clone(), &snap(4, 1, 5)).await.unwrap();
+    assert_eq!((written.version, written.already_written), (4, false));
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(snap(4, 1, 5)));
+    assert_eq!(stream_events(&store, &s).await.len(), 5);
+
+    let before = settle(&store).await;
+    // A retry of the same append: the original result, and the snapshot is left alone (a new
+    // schema version would otherwise replace it).
+    let retry = store.append_with_snapshot(&s, ExpectedVersion::Exact(2), batch, &snap(4, 2, 0)).await.unwrap();
+    assert!(retry.already_written && retry.positions == written.positions, "{retry:?}");
+    // A conflict, and a duplicate of an event of another stream.
+    let conflict = store.append_with_snapshot(&s, ExpectedVersion::Exact(2), events(0..1), &snap(3, 2, 0)).await;
+    assert!(matches!(conflict, Err(Error::Conflict { .. })), "{conflict:?}");
+    // A conflict no unique key catches: the stream is shorter than expected.
+    let short = store.append_with_snapshot(&s, ExpectedVersion::Exact(7), events(0..1), &snap(8, 2, 0)).await;
+    assert!(matches!(short, Err(Error::Conflict { .. })), "{short:?}");
+    let missing =
+        store.append_with_snapshot(&other_stream(), ExpectedVersion::Exact(0), events(0..1), &snap(1, 2, 0)).await;
+    assert!(matches!(missing, Err(Error::Conflict { .. })), "{missing:?}");
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(snap(4, 1, 5)));
+    let other = stream("snapped-2");
+    let stolen = NewEvent::new("Even", json!({})).with_id(uuid_of(&store, &s).await);
+    let duplicate = store.append_with_snapshot(&other, ExpectedVersion::NoStream, vec![stolen], &snap(0, 2, 0)).await;
+    assert!(matches!(duplicate, Err(Error::DuplicateEvents { .. })), "{duplicate:?}");
+    assert_eq!(store.load_snapshot(&other).await.unwrap(), None);
+    assert_eq!(store.load_snapshot(&other_stream()).await.unwrap(), None);
+    // Bad input: a snapshot at another version than the append ends at, an expectation without
+    // a version, a state no store keeps.
+    let refused = [
+        store.append_with_snapshot(&s, ExpectedVersion::Exact(4), events(5..6), &snap(6, 2, 0)).await,
+        store.append_with_snapshot(&s, ExpectedVersion::Exact(4), events(5..7), &snap(5, 2, 0)).await,
+        store.append_with_snapshot(&s, ExpectedVersion::Any, events(5..6), &snap(5, 2, 0)).await,
+        store.append_with_snapshot(&s, ExpectedVersion::StreamExists, events(5..6), &snap(5, 2, 0)).await,
+        store.append_with_snapshot(&s, ExpectedVersion::Exact(u64::MAX), events(5..6), &snap(0, 2, 0)).await,
+        store
+            .append_with_snapshot(&s, ExpectedVersion::Exact(4), events(5..6), &annal::Snapshot::new(5, 2, nested(101)))
+            .await,
+        store
+            .append_with_snapshot(
+                &s,
+                ExpectedVersion::Exact(4),
+                events(5..6),
+                &annal::Snapshot::new(5, 1 << 31, json!({})),
+            )
+            .await,
+    ];
+    for refused in refused {
+        assert!(matches!(refused, Err(Error::InvalidArgument { .. })), "{refused:?}");
+    }
+    let empty = store.append_with_snapshot(&s, ExpectedVersion::Exact(4), Vec::new(), &snap(4, 2, 0)).await;
+    assert!(matches!(empty, Err(Error::EmptyBatch | Error::InvalidArgument { .. })), "{empty:?}");
+    assert_nothing_written_since(&store, before, "refused appends with a snapshot").await;
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(snap(4, 1, 5)));
+
+    // A snapshot written later by someone else at a higher version stays.
+    store.save_snapshot(&s, &snap(9, 1, 9)).await.unwrap();
+    store.append_with_snapshot(&s, ExpectedVersion::Exact(4), events(5..6), &snap(5, 1, 6)).await.unwrap();
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(snap(9, 1, 9)));
+    // A new stream, and a new schema version, which replaces whatever was there.
+    let fresh = stream("snapped-3");
+    store.append_with_snapshot(&fresh, ExpectedVersion::NoStream, events(0..1), &snap(0, 1, 1)).await.unwrap();
+    assert_eq!(store.load_snapshot(&fresh).await.unwrap(), Some(snap(0, 1, 1)));
+    store.append_with_snapshot(&s, ExpectedVersion::Exact(5), events(6..7), &snap(6, 3, 7)).await.unwrap();
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(snap(6, 3, 7)));
+}
+
+fn other_stream() -> StreamName {
+    stream("snapped-missing")
+}
+
+/// The id of the first event of `s`.
+async fn uuid_of<S: EventStore>(store: &S, s: &StreamName) -> Uuid {
+    stream_events(store, s).await[0].id
 }
 
 /// Reads every event `filter` selects, in small pages (so pages move past unselected events).

@@ -427,7 +427,16 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
                 })
                 .collect::<Result<Vec<NewEvent>>>()?;
             let ids: Vec<Uuid> = new.iter().map(|e| e.id).collect();
-            let appended = self.store.append(&stream, ExpectedVersion::from_current(version), new).await;
+            // The state the events lead to (dropped if the append fails: the next attempt
+            // loads or decides again), and the snapshot of it if one is due, which the append
+            // writes in the same commit.
+            events.iter().for_each(|e| state.apply(e));
+            let after = version.map_or(0, |v| v + 1) + events.len() as u64 - 1;
+            let expected = ExpectedVersion::from_current(version);
+            let appended = match self.snapshot_if_due(&stream, &state, version, after) {
+                Some(snapshot) => self.store.append_with_snapshot(&stream, expected, new, &snapshot).await,
+                None => self.store.append(&stream, expected, new).await,
+            };
             if let Some(command_id) = command_id
                 && matches!(&appended, Ok(w) if w.already_written)
                     | matches!(&appended, Err(Error::DuplicateEvents { .. }))
@@ -444,11 +453,9 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
             }
             match appended {
                 Ok(written) => {
-                    events.iter().for_each(|e| state.apply(e));
                     if let Some(cache) = &self.cache {
                         cache.put(&stream, &state, Some(written.version));
                     }
-                    self.snapshot_if_due(&stream, &state, version, written.version).await;
                     let first = version.map_or(0, |v| v + 1);
                     let committed = events
                         .into_iter()
@@ -519,17 +526,19 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
         Ok(Some(committed))
     }
 
-    /// Writes a snapshot when the policy says so. A failure only costs a slower load later, so
-    /// it is logged, not returned: the command's events are committed already.
-    async fn snapshot_if_due(&self, stream: &StreamName, state: &A, before: Option<u64>, after: u64) {
+    /// The snapshot of `state` at `after` when the policy says one is due and it can be
+    /// stored. A snapshot that cannot be only costs a slower load later, so the problem is
+    /// logged and the command appends without it.
+    fn snapshot_if_due(&self, stream: &StreamName, state: &A, before: Option<u64>, after: u64) -> Option<Snapshot> {
         let policy = A::snapshot_policy();
-        let (Some(schema_version), true) = (policy.schema_version(), policy.due(before, after)) else { return };
-        let saved = match state.to_snapshot() {
-            Ok(payload) => self.store.save_snapshot(stream, &Snapshot::new(after, schema_version, payload)).await,
-            Err(error) => Err(error),
-        };
-        if let Err(error) = saved {
-            tracing::warn!(%stream, version = after, %error, "could not write a snapshot");
+        let (Some(schema_version), true) = (policy.schema_version(), policy.due(before, after)) else { return None };
+        let snapshot = state.to_snapshot().map(|payload| Snapshot::new(after, schema_version, payload));
+        match snapshot.and_then(|snapshot| crate::event::encode_snapshot(&snapshot).map(|_| snapshot)) {
+            Ok(snapshot) => Some(snapshot),
+            Err(error) => {
+                tracing::warn!(%stream, version = after, %error, "could not take a snapshot");
+                None
+            }
         }
     }
 }

@@ -267,7 +267,7 @@ async fn alone(
     batch: &[EncodedEvent],
 ) -> Result<AppendResult> {
     let mut conn = pool.acquire().await?;
-    append_on(&mut conn, false, stream, expected, batch).await
+    append_on(&mut conn, false, stream, expected, batch, None).await
 }
 
 /// One statement appending every member's batch to its own stream, each behind its own guard:

@@ -295,7 +295,7 @@ impl PgTransaction<'_> {
     ) -> Result<AppendResult> {
         crate::metrics::append("postgres", stream, events.len(), async {
             let encoded = encode_batch(events, self.store.max_event_size)?;
-            let result = append_on(&mut self.tx, true, stream, expected, &encoded).await?;
+            let result = append_on(&mut self.tx, true, stream, expected, &encoded, None).await?;
             self.appended_up_to = self.appended_up_to.max(result.position());
             Ok(result)
         })
@@ -352,19 +352,47 @@ async fn check_transaction_ids(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
+/// Stores the snapshot `$rows` gives (stream, version, schema version, state) unless the stream
+/// has one at a later version of the same schema.
+macro_rules! save_snapshot {
+    ($rows:literal) => {
+        concat!(
+            "INSERT INTO annal_snapshots (stream, version, schema_version, state) ",
+            $rows,
+            " ON CONFLICT (stream) DO UPDATE SET version = excluded.version, schema_version = excluded.schema_version, \
+             state = excluded.state, recorded_at = excluded.recorded_at \
+             WHERE annal_snapshots.version < excluded.version OR annal_snapshots.schema_version <> excluded.schema_version"
+        )
+    };
+}
+
 /// The append statement for each expectation. Versions are `base + n`, where `n` counts the
 /// batch from 1; the guards make a statement insert nothing when the expectation fails in a way
 /// no unique key catches (the stream is shorter than expected, or missing), and when the stream's
 /// last event was written by a transaction younger than this one: its events would sort before
 /// that event in the global order (see `docs/ordering.md`, "Per-stream order").
-const APPEND_EXACT: &str = "\
-    INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) \
+macro_rules! append_exact {
+    () => {
+        "INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) \
     SELECT e.id, $1, $2, $8 + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, $9 \
     FROM unnest($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[]) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) \
     WHERE $8 < 0 OR EXISTS (SELECT 1 FROM annal_events WHERE stream = $1 AND version = $8 \
         AND tx_id <= pg_current_xact_id()::text::bigint) \
     ORDER BY e.n \
-    RETURNING version, tx_id, seq";
+    RETURNING version, tx_id, seq"
+    };
+}
+const APPEND_EXACT: &str = append_exact!();
+
+/// [`APPEND_EXACT`] and the snapshot at the version it ends at (`$10`, schema version `$11`,
+/// state `$12`), stored only when the events are, by the same statement.
+const APPEND_EXACT_WITH_SNAPSHOT: &str = concat!(
+    "WITH appended AS (",
+    append_exact!(),
+    "), snapshot AS (",
+    save_snapshot!("SELECT $1, $10, $11, $12::jsonb WHERE EXISTS (SELECT 1 FROM appended)"),
+    ") SELECT version, tx_id, seq FROM appended"
+);
 
 const APPEND_AT_END: &str = "\
     WITH last AS (SELECT version, tx_id FROM annal_events WHERE stream = $1 ORDER BY version DESC LIMIT 1) \
@@ -402,10 +430,13 @@ async fn try_insert(
     stream: &StreamName,
     expected: ExpectedVersion,
     batch: &[EncodedEvent],
+    snapshot: Option<(&Snapshot, &str)>,
 ) -> Result<Vec<(i64, Position)>, sqlx::Error> {
+    let exact = if snapshot.is_some() { APPEND_EXACT_WITH_SNAPSHOT } else { APPEND_EXACT };
     let (sql, base) = match expected {
-        ExpectedVersion::Exact(v) => (APPEND_EXACT, Some(to_i64(v))),
-        ExpectedVersion::NoStream => (APPEND_EXACT, Some(-1)),
+        ExpectedVersion::Exact(v) => (exact, Some(to_i64(v))),
+        ExpectedVersion::NoStream => (exact, Some(-1)),
+        // `check_snapshot_with_append` refuses a snapshot with these.
         ExpectedVersion::Any | ExpectedVersion::StreamExists => (APPEND_AT_END, None),
     };
     let query = sqlx::query(sql)
@@ -420,7 +451,11 @@ async fn try_insert(
         Some(base) => query.bind(base),
         None => query.bind(expected == ExpectedVersion::StreamExists),
     };
-    let rows = query.bind(i64::from(stream_hash(stream))).fetch_all(&mut *conn).await?;
+    let mut query = query.bind(i64::from(stream_hash(stream)));
+    if let Some((snapshot, state)) = snapshot {
+        query = query.bind(to_i64(snapshot.version)).bind(snapshot.schema_version as i32).bind(state);
+    }
+    let rows = query.fetch_all(&mut *conn).await?;
     let mut rows = rows
         .iter()
         .map(|r| Ok((r.try_get::<i64, _>(0)?, position(r.try_get(1)?, r.try_get(2)?))))
@@ -437,13 +472,14 @@ async fn append_on(
     stream: &StreamName,
     expected: ExpectedVersion,
     batch: &[EncodedEvent],
+    snapshot: Option<(&Snapshot, &str)>,
 ) -> Result<AppendResult> {
     let mut actual = None;
     for _ in 0..APPEND_RETRIES {
         let attempt = if in_transaction {
             // A savepoint keeps the caller's transaction usable after a rejected append.
             let mut savepoint = conn.begin().await?;
-            let attempt = try_insert(&mut savepoint, stream, expected, batch).await;
+            let attempt = try_insert(&mut savepoint, stream, expected, batch, snapshot).await;
             if attempt.is_ok() {
                 savepoint.commit().await?;
             } else {
@@ -451,7 +487,7 @@ async fn append_on(
             }
             attempt
         } else {
-            try_insert(conn, stream, expected, batch).await
+            try_insert(conn, stream, expected, batch, snapshot).await
         };
         match attempt {
             Ok(rows) if rows.len() == batch.len() => {
@@ -618,6 +654,25 @@ impl EventStore for PgEventStore {
         .await
     }
 
+    /// One statement writes the events and the snapshot; never grouped with other appends.
+    async fn append_with_snapshot(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        snapshot: &Snapshot,
+    ) -> Result<AppendResult> {
+        let state = crate::append::check_snapshot_with_append(expected, events.len(), snapshot)?;
+        crate::metrics::append("postgres", stream, events.len(), async {
+            let encoded = encode_batch(events, self.max_event_size)?;
+            let mut conn = self.pool.acquire().await?;
+            let result = append_on(&mut conn, false, stream, expected, &encoded, Some((snapshot, &state))).await?;
+            self.committed(result.position());
+            Ok(result)
+        })
+        .await
+    }
+
     async fn read_stream_page(
         &self,
         stream: &StreamName,
@@ -714,18 +769,13 @@ impl EventStore for PgEventStore {
 
     async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
         let (_, state) = encode_snapshot(snapshot)?;
-        sqlx::query(
-            "INSERT INTO annal_snapshots (stream, version, schema_version, state) VALUES ($1, $2, $3, $4::jsonb) \
-             ON CONFLICT (stream) DO UPDATE SET version = excluded.version, schema_version = excluded.schema_version, \
-                 state = excluded.state, recorded_at = excluded.recorded_at \
-             WHERE annal_snapshots.version < excluded.version OR annal_snapshots.schema_version <> excluded.schema_version",
-        )
-        .bind(stream.as_str())
-        .bind(to_i64(snapshot.version))
-        .bind(snapshot.schema_version as i32)
-        .bind(state)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(save_snapshot!("VALUES ($1, $2, $3, $4::jsonb)"))
+            .bind(stream.as_str())
+            .bind(to_i64(snapshot.version))
+            .bind(snapshot.schema_version as i32)
+            .bind(state)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

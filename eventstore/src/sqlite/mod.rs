@@ -351,6 +351,7 @@ impl SqliteEventStore {
         stream: &StreamName,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
+        snapshot: Option<(&Snapshot, String)>,
     ) -> Result<AppendResult> {
         let encoded = encode_batch(events, self.max_event_size)?;
         let ids: Vec<Uuid> = encoded.iter().map(|e| e.event.id).collect();
@@ -386,11 +387,37 @@ impl SqliteEventStore {
                 Err(e) => return Err(e.into()),
             }
         }
+        if let Some((snapshot, state)) = snapshot {
+            save_snapshot(&mut *tx, stream, snapshot, state).await?;
+        }
         tx.commit().await?;
         let result = AppendResult::new(first + encoded.len() as u64 - 1, positions);
         self.notifier.notify_up_to(result.position());
         Ok(result)
     }
+}
+
+/// Stores a snapshot unless the stream has one at a later version of the same schema.
+async fn save_snapshot<'c>(
+    on: impl sqlx::SqliteExecutor<'c>,
+    stream: &StreamName,
+    snapshot: &Snapshot,
+    state: String,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO annal_snapshots (stream, version, schema_version, state, recorded_at) VALUES (?, ?, ?, ?, ?) \
+         ON CONFLICT (stream) DO UPDATE SET version = excluded.version, schema_version = excluded.schema_version, \
+             state = excluded.state, recorded_at = excluded.recorded_at \
+         WHERE annal_snapshots.version < excluded.version OR annal_snapshots.schema_version <> excluded.schema_version",
+    )
+    .bind(stream.as_str())
+    .bind(to_i64(snapshot.version))
+    .bind(i64::from(snapshot.schema_version))
+    .bind(state)
+    .bind(Utc::now().timestamp_micros())
+    .execute(on)
+    .await?;
+    Ok(())
 }
 
 #[async_trait]
@@ -401,7 +428,20 @@ impl EventStore for SqliteEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult> {
-        crate::metrics::append("sqlite", stream, events.len(), self.write(stream, expected, events)).await
+        crate::metrics::append("sqlite", stream, events.len(), self.write(stream, expected, events, None)).await
+    }
+
+    async fn append_with_snapshot(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        snapshot: &Snapshot,
+    ) -> Result<AppendResult> {
+        let state = crate::append::check_snapshot_with_append(expected, events.len(), snapshot)?;
+        let count = events.len();
+        crate::metrics::append("sqlite", stream, count, self.write(stream, expected, events, Some((snapshot, state))))
+            .await
     }
 
     async fn read_stream_page(
@@ -485,20 +525,7 @@ impl EventStore for SqliteEventStore {
 
     async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
         let (_, state) = encode_snapshot(snapshot)?;
-        sqlx::query(
-            "INSERT INTO annal_snapshots (stream, version, schema_version, state, recorded_at) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (stream) DO UPDATE SET version = excluded.version, schema_version = excluded.schema_version, \
-                 state = excluded.state, recorded_at = excluded.recorded_at \
-             WHERE annal_snapshots.version < excluded.version OR annal_snapshots.schema_version <> excluded.schema_version",
-        )
-        .bind(stream.as_str())
-        .bind(to_i64(snapshot.version))
-        .bind(i64::from(snapshot.schema_version))
-        .bind(state)
-        .bind(Utc::now().timestamp_micros())
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        save_snapshot(&self.writer, stream, snapshot, state).await
     }
 
     fn wakeup(&self) -> Wakeup {
