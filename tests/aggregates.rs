@@ -320,74 +320,6 @@ async fn snapshots_never_change_what_load_returns<S: EventStore + Clone + 'stati
     assert_eq!(repository.load(&3).await.unwrap(), loaded);
 }
 
-/// A store whose `save_snapshot` always fails, and whose appends let another writer in first
-/// while `intrusions` lasts: only a snapshot written by the append itself gets through.
-#[derive(Clone)]
-struct SnapshotsOnlyWithAppends<S> {
-    inner: S,
-    intrusions: std::sync::Arc<AtomicU64>,
-}
-
-impl<S: EventStore> SnapshotsOnlyWithAppends<S> {
-    async fn intrude(&self, stream: &StreamName) -> annal::Result<()> {
-        if self.intrusions.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
-            let intruder = AccountEvent::Deposited { amount: 1000 }.to_new_event()?;
-            self.inner.append(stream, ExpectedVersion::Any, vec![intruder]).await?;
-        }
-        Ok(())
-    }
-}
-
-#[annal::async_trait]
-impl<S: EventStore> EventStore for SnapshotsOnlyWithAppends<S> {
-    async fn append(
-        &self,
-        stream: &StreamName,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> annal::Result<annal::AppendResult> {
-        self.intrude(stream).await?;
-        self.inner.append(stream, expected, events).await
-    }
-    async fn append_with_snapshot(
-        &self,
-        stream: &StreamName,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-        snapshot: &annal::Snapshot,
-    ) -> annal::Result<annal::AppendResult> {
-        self.intrude(stream).await?;
-        self.inner.append_with_snapshot(stream, expected, events, snapshot).await
-    }
-    async fn save_snapshot(&self, _: &StreamName, _: &annal::Snapshot) -> annal::Result<()> {
-        Err(annal::Error::InvalidArgument { reason: "a snapshot written apart from its events" })
-    }
-    async fn load_snapshot(&self, stream: &StreamName) -> annal::Result<Option<annal::Snapshot>> {
-        self.inner.load_snapshot(stream).await
-    }
-    async fn read_stream_page(
-        &self,
-        stream: &StreamName,
-        direction: annal::Direction,
-        from: u64,
-        limit: usize,
-    ) -> annal::Result<Vec<RecordedEvent>> {
-        self.inner.read_stream_page(stream, direction, from, limit).await
-    }
-    async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> annal::Result<Page> {
-        self.inner.read_all_page(from, filter, limit).await
-    }
-    async fn read_event(&self, id: uuid::Uuid) -> annal::Result<Option<RecordedEvent>> {
-        self.inner.read_event(id).await
-    }
-    async fn head(&self) -> annal::Result<Position> {
-        self.inner.head().await
-    }
-    fn wakeup(&self) -> Wakeup {
-        self.inner.wakeup()
-    }
-}
-
 /// The repository writes a due snapshot with the command's append, in its commit: one write,
 /// and a snapshot exactly when the events are stored. A conflict writes neither; the retry
 /// writes the snapshot of the state it decided on.
@@ -395,7 +327,7 @@ async fn snapshots_are_written_by_the_append_that_reaches_them<S: EventStore + C
     store: S,
     cached: bool,
 ) {
-    let guarded = SnapshotsOnlyWithAppends { inner: store.clone(), intrusions: Default::default() };
+    let guarded = Racing { inner: store.clone(), remaining: Default::default() };
     let repository = new_repository::<Account, _>(guarded.clone(), cached);
     let stream = Account::stream_name(&6).unwrap();
     for amount in 1..=3 {
@@ -404,7 +336,7 @@ async fn snapshots_are_written_by_the_append_that_reaches_them<S: EventStore + C
     assert_eq!(store.load_snapshot(&stream).await.unwrap(), None);
     // The fourth event is due a snapshot (every 4); another writer gets in first, so the
     // append conflicts, and the retry lands at version 4: a snapshot is due again at 7.
-    guarded.intrusions.store(1, Ordering::SeqCst);
+    guarded.remaining.store(1, Ordering::SeqCst);
     let done = repository.execute(&6, AccountCommand::Deposit(4)).await.unwrap();
     assert_eq!(done.version, Some(4));
     assert_eq!(store.load_snapshot(&stream).await.unwrap(), None, "a snapshot of a conflicting append");
@@ -432,11 +364,22 @@ async fn rejected_commands_write_nothing<S: EventStore + Clone + 'static>(store:
     assert_eq!((done.state.balance, done.version), (0, Some(1)));
 }
 
-/// A store that lets another writer in just before the first `times` appends, forcing conflicts.
+/// A store that lets another writer in just before the first `remaining` appends, forcing
+/// conflicts. Its `save_snapshot` always fails: only a snapshot written by an append gets in.
 #[derive(Clone)]
 struct Racing<S> {
     inner: S,
     remaining: std::sync::Arc<AtomicU64>,
+}
+
+impl<S: EventStore> Racing<S> {
+    async fn intrude(&self, stream: &StreamName) -> annal::Result<()> {
+        if self.remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            let intruder = AccountEvent::Deposited { amount: 1000 }.to_new_event()?;
+            self.inner.append(stream, ExpectedVersion::Any, vec![intruder]).await?;
+        }
+        Ok(())
+    }
 }
 
 #[annal::async_trait]
@@ -447,11 +390,24 @@ impl<S: EventStore> EventStore for Racing<S> {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> annal::Result<annal::AppendResult> {
-        if self.remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
-            let intruder = AccountEvent::Deposited { amount: 1000 }.to_new_event()?;
-            self.inner.append(stream, ExpectedVersion::Any, vec![intruder]).await?;
-        }
+        self.intrude(stream).await?;
         self.inner.append(stream, expected, events).await
+    }
+    async fn append_with_snapshot(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        snapshot: &annal::Snapshot,
+    ) -> annal::Result<annal::AppendResult> {
+        self.intrude(stream).await?;
+        self.inner.append_with_snapshot(stream, expected, events, snapshot).await
+    }
+    async fn save_snapshot(&self, _: &StreamName, _: &annal::Snapshot) -> annal::Result<()> {
+        Err(annal::Error::InvalidArgument { reason: "a snapshot written apart from its events" })
+    }
+    async fn load_snapshot(&self, stream: &StreamName) -> annal::Result<Option<annal::Snapshot>> {
+        self.inner.load_snapshot(stream).await
     }
     async fn read_stream_page(
         &self,

@@ -86,7 +86,7 @@ pub(crate) fn check_snapshot_with_append(
     expected: ExpectedVersion,
     count: usize,
     snapshot: &crate::Snapshot,
-) -> Result<String> {
+) -> Result<(serde_json::Value, String)> {
     let invalid = |reason| Error::InvalidArgument { reason };
     let first = match expected {
         ExpectedVersion::Exact(version) => version.checked_add(1),
@@ -99,7 +99,7 @@ pub(crate) fn check_snapshot_with_append(
     if last != Some(snapshot.version) {
         return Err(invalid("a snapshot written with an append is at the version the append ends at"));
     }
-    Ok(crate::event::encode_snapshot(snapshot)?.1)
+    crate::event::encode_snapshot(snapshot)
 }
 
 #[cfg(test)]

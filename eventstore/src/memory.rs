@@ -161,8 +161,7 @@ impl EventStore for MemoryEventStore {
         events: Vec<NewEvent>,
         snapshot: &Snapshot,
     ) -> Result<AppendResult> {
-        crate::append::check_snapshot_with_append(expected, events.len(), snapshot)?;
-        let (state, _) = encode_snapshot(snapshot)?;
+        let (state, _) = crate::append::check_snapshot_with_append(expected, events.len(), snapshot)?;
         let snapshot = Snapshot::new(snapshot.version, snapshot.schema_version, state);
         crate::metrics::append("memory", stream, events.len(), async {
             self.append_now(stream, expected, events, Some(snapshot))

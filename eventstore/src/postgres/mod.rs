@@ -662,7 +662,7 @@ impl EventStore for PgEventStore {
         events: Vec<NewEvent>,
         snapshot: &Snapshot,
     ) -> Result<AppendResult> {
-        let state = crate::append::check_snapshot_with_append(expected, events.len(), snapshot)?;
+        let (_, state) = crate::append::check_snapshot_with_append(expected, events.len(), snapshot)?;
         crate::metrics::append("postgres", stream, events.len(), async {
             let encoded = encode_batch(events, self.max_event_size)?;
             let mut conn = self.pool.acquire().await?;

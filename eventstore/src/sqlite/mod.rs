@@ -438,7 +438,7 @@ impl EventStore for SqliteEventStore {
         events: Vec<NewEvent>,
         snapshot: &Snapshot,
     ) -> Result<AppendResult> {
-        let state = crate::append::check_snapshot_with_append(expected, events.len(), snapshot)?;
+        let (_, state) = crate::append::check_snapshot_with_append(expected, events.len(), snapshot)?;
         let count = events.len();
         crate::metrics::append("sqlite", stream, count, self.write(stream, expected, events, Some((snapshot, state))))
             .await
