@@ -601,9 +601,17 @@ const HORIZON: &str = horizon!();
 /// position at [`PAGE_HEAD`]. No row when the log is empty.
 macro_rules! head_row {
     () => {
+        last_visible!("NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, tx_id, seq")
+    };
+}
+
+/// `$columns` of the last visible event: the head's row, below the horizon.
+macro_rules! last_visible {
+    ($columns:literal) => {
         concat!(
-            "SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, tx_id, seq FROM annal_events \
-             WHERE tx_id < ",
+            "SELECT ",
+            $columns,
+            " FROM annal_events WHERE tx_id < ",
             horizon!(),
             " ORDER BY tx_id DESC, seq DESC LIMIT 1"
         )
@@ -734,13 +742,7 @@ impl EventStore for PgEventStore {
     }
 
     async fn head(&self) -> Result<Position> {
-        let row: Option<(i64, i64)> = sqlx::query_as(concat!(
-            "SELECT tx_id, seq FROM annal_events WHERE tx_id < ",
-            horizon!(),
-            " ORDER BY tx_id DESC, seq DESC LIMIT 1"
-        ))
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(i64, i64)> = sqlx::query_as(last_visible!("tx_id, seq")).fetch_optional(&self.pool).await?;
         Ok(row.map_or(Position::START, |(t, s)| position(t, s)))
     }
 
