@@ -79,9 +79,9 @@ pub(crate) fn first_version(stream: &StreamName, expected: ExpectedVersion, curr
 }
 
 /// Checks a snapshot to be written with an append of `count` events: it must be at the version
-/// the append ends at, so `expected` must name the version the append starts after. Returns
-/// the snapshot's state as JSON text, checked as [`save_snapshot`](crate::EventStore::save_snapshot)
-/// checks it.
+/// the version the append ends at, so `expected` must name the version the append starts after.
+/// Returns the snapshot's state as stored and as JSON text, checked as
+/// [`save_snapshot`](crate::EventStore::save_snapshot) checks it.
 pub(crate) fn check_snapshot_with_append(
     expected: ExpectedVersion,
     count: usize,

@@ -273,9 +273,10 @@ pub trait EventStore: Send + Sync {
     /// failure to save it is logged, not returned, since the events are committed.
     ///
     /// # Errors
-    /// As [`append`](Self::append), and [`Error::InvalidArgument`](crate::Error::InvalidArgument) for a snapshot that is not at
-    /// the version the append ends at, an expectation without a version, or a state that
-    /// [`save_snapshot`](Self::save_snapshot) refuses: then nothing is written.
+    /// As [`append`](Self::append), and [`Error::InvalidArgument`](crate::Error::InvalidArgument)
+    /// for a snapshot that is not at the version the append ends at, an expectation without a
+    /// version, or a state that [`save_snapshot`](Self::save_snapshot) refuses: then nothing is
+    /// written.
     ///
     /// ```
     /// use annal_eventstore::{EventStore, ExpectedVersion, MemoryEventStore, NewEvent, Snapshot, StreamName};
