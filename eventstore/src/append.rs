@@ -78,7 +78,7 @@ pub(crate) fn first_version(stream: &StreamName, expected: ExpectedVersion, curr
     Ok(current.map_or(0, |v| v + 1))
 }
 
-/// Checks a snapshot to be written with an append of `count` events: it must be at the version
+/// Checks a snapshot to be written with an append of `count` events: it must be at
 /// the version the append ends at, so `expected` must name the version the append starts after.
 /// Returns the snapshot's state as stored and as JSON text, checked as
 /// [`save_snapshot`](crate::EventStore::save_snapshot) checks it.
