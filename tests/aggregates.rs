@@ -539,3 +539,49 @@ proptest! {
         })?;
     }
 }
+
+/// A snapshot row that cannot be read (damaged by hand, or written by a build with other
+/// limits) costs a replay, never the load: `load` returns what the full replay gives, and so
+/// does a command. `damage` spoils the stored snapshot.
+async fn a_damaged_snapshot_row_costs_a_replay<S: EventStore + Clone + 'static>(
+    store: S,
+    damage: impl AsyncFnOnce(&S),
+) {
+    let repository = Repository::<Account, _>::new(store.clone());
+    for i in 1..=6 {
+        repository.execute(&5, AccountCommand::Deposit(i)).await.unwrap();
+    }
+    let stream = Account::stream_name(&5).unwrap();
+    assert_eq!(store.load_snapshot(&stream).await.unwrap().map(|s| s.version), Some(3));
+    damage(&store).await;
+    assert!(matches!(store.load_snapshot(&stream).await, Err(annal::Error::Corrupt { .. })));
+    let loaded = repository.load(&5).await.unwrap();
+    assert_eq!(loaded.state, full_replay(&history(&store, 5).await));
+    assert_eq!((loaded.state.balance, loaded.version), (21, Some(5)));
+    let done = repository.execute(&5, AccountCommand::Withdraw(21)).await.unwrap();
+    assert_eq!((done.state.balance, done.version), (0, Some(6)));
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_row_costs_a_replay_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap();
+    a_damaged_snapshot_row_costs_a_replay(store, async |store: &annal::SqliteEventStore| {
+        sqlx::query("UPDATE annal_snapshots SET state = '{\"balance\": '").execute(store.writer()).await.unwrap();
+    })
+    .await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_row_costs_a_replay_on_postgres() {
+    // `jsonb` holds only JSON, but deeper than any reader here accepts.
+    a_damaged_snapshot_row_costs_a_replay(support::pg::fresh_store().await, async |store: &annal::PgEventStore| {
+        sqlx::query("UPDATE annal_snapshots SET state = (repeat('[', 300) || repeat(']', 300))::jsonb")
+            .execute(store.pool())
+            .await
+            .unwrap();
+    })
+    .await;
+}

@@ -253,6 +253,57 @@ pub trait EventStore: Send + Sync {
         Ok(None)
     }
 
+    /// What loading an aggregate reads: the latest snapshot of `stream` if it has
+    /// `schema_version` (`None` otherwise), and the first `limit` events after it (from version
+    /// 0 without one), in one round trip on PostgreSQL and SQLite.
+    ///
+    /// The provided implementation calls [`load_snapshot`](Self::load_snapshot), then
+    /// [`read_stream_page`](Self::read_stream_page) from the version after the snapshot's.
+    /// Either way the events are exactly the ones that follow the snapshot: a snapshot is only
+    /// ever replaced by one at a later version, and events never change.
+    ///
+    /// # Errors
+    /// As [`load_snapshot`](Self::load_snapshot) for a stored snapshot that cannot be read
+    /// ([`Error::Corrupt`](crate::Error::Corrupt)) and as
+    /// [`read_stream_page`](Self::read_stream_page) for the events: then read them apart to
+    /// learn which one is damaged.
+    ///
+    /// ```
+    /// # use annal_eventstore::{EventStore, ExpectedVersion, MemoryEventStore, NewEvent, Snapshot, StreamName};
+    /// # use serde_json::json;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> annal_eventstore::Result<()> {
+    /// let store = MemoryEventStore::new();
+    /// let stream = StreamName::new("counter-1")?;
+    /// let events = (0..5).map(|n| NewEvent::new("Added", json!(n))).collect();
+    /// store.append_with_snapshot(&stream, ExpectedVersion::NoStream, events, &Snapshot::new(4, 1, json!(10))).await?;
+    /// store.append(&stream, ExpectedVersion::Exact(4), vec![NewEvent::new("Added", json!(5))]).await?;
+    ///
+    /// let (snapshot, after) = store.load_snapshot_and_events(&stream, 1, 100).await?;
+    /// assert_eq!(snapshot.map(|s| s.version), Some(4));
+    /// assert_eq!(after.iter().map(|e| e.version).collect::<Vec<_>>(), [5]);
+    ///
+    /// // A snapshot of another schema version is not used: every event follows.
+    /// let (snapshot, after) = store.load_snapshot_and_events(&stream, 2, 100).await?;
+    /// assert_eq!((snapshot, after.len()), (None, 6));
+    /// # Ok(())
+    /// # }
+    /// ```
+    async fn load_snapshot_and_events(
+        &self,
+        stream: &StreamName,
+        schema_version: u32,
+        limit: usize,
+    ) -> Result<(Option<Snapshot>, Vec<RecordedEvent>)> {
+        check_limit(limit)?;
+        let snapshot = self.load_snapshot(stream).await?.filter(|s| s.schema_version == schema_version);
+        let Some(from) = snapshot.as_ref().map_or(Some(0), |s| s.version.checked_add(1)) else {
+            return Ok((snapshot, Vec::new()));
+        };
+        let events = self.read_stream_page(stream, Direction::Forwards, from, limit).await?;
+        Ok((snapshot, events))
+    }
+
     /// Stores a snapshot of `stream`, replacing an older one (one at a lower version, or of
     /// another schema version). A store that does not keep snapshots ignores it.
     async fn save_snapshot(&self, _stream: &StreamName, _snapshot: &Snapshot) -> Result<()> {

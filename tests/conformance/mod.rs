@@ -29,6 +29,7 @@ macro_rules! suite {
             concurrent_writers_are_seen_once_in_order, subscription_catches_up_then_follows_live,
             slow_subscriber_does_not_block_writers, large_batch_is_atomic, json_round_trips_exactly,
             snapshots_keep_the_newest, appends_with_a_snapshot_write_both_or_neither,
+            a_snapshot_and_the_events_after_it_read_as_apart,
             partitions_split_the_log_in_the_store,
             many_subscriptions_each_get_exactly_their_events,
             what_can_be_stored_reads_back_and_the_rest_is_refused, numbers_read_back_alike,
@@ -680,6 +681,49 @@ pub(crate) async fn appends_with_a_snapshot_write_both_or_neither<S: EventStore>
     assert_eq!(store.load_snapshot(&fresh).await.unwrap(), Some(snap(0, 1, 1)));
     store.append_with_snapshot(&s, ExpectedVersion::Exact(5), events(6..7), &snap(6, 3, 7)).await.unwrap();
     assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(snap(6, 3, 7)));
+}
+
+/// `load_snapshot_and_events` reads what `load_snapshot` and then `read_stream_page` from the
+/// version after the snapshot read: for streams with no snapshot, one of another schema, one
+/// at every version and one past the last event, at limits below, at and above what is there.
+pub(crate) async fn a_snapshot_and_the_events_after_it_read_as_apart<S: EventStore>(store: S) {
+    let (short, long) = (stream("loaded-short"), stream("loaded-long"));
+    store.append(&long, ExpectedVersion::NoStream, events(0..7)).await.unwrap();
+    store.append(&short, ExpectedVersion::NoStream, events(0..1)).await.unwrap();
+    let apart = async |s: &StreamName, schema_version: u32, limit: usize| {
+        let snapshot = store.load_snapshot(s).await.unwrap().filter(|snap| snap.schema_version == schema_version);
+        let from = snapshot.as_ref().map_or(0, |snap| snap.version + 1);
+        (snapshot, store.read_stream_page(s, Direction::Forwards, from, limit).await.unwrap())
+    };
+    let mut checked = 0;
+    for s in [&long, &short, &stream("loaded-none")] {
+        // No snapshot yet, then one at each version (and past the last event), schema 1.
+        let snapshots =
+            std::iter::once(None).chain((0..9).map(|v| Some(annal::Snapshot::new(v, 1, json!({ "v": v })))));
+        for snapshot in snapshots {
+            if let Some(snapshot) = &snapshot {
+                store.save_snapshot(s, snapshot).await.unwrap();
+            }
+            for (schema_version, limit) in [(1, 1), (1, 3), (1, 7), (1, 512), (2, 1), (2, 512)] {
+                let together = store.load_snapshot_and_events(s, schema_version, limit).await.unwrap();
+                assert_eq!(
+                    together,
+                    apart(s, schema_version, limit).await,
+                    "{s} {snapshot:?} {schema_version} {limit}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 3 * 10 * 6);
+    let (snapshot, after) = store.load_snapshot_and_events(&long, 1, 512).await.unwrap();
+    assert_eq!((snapshot.map(|s| s.version), after.len()), (Some(8), 0));
+    // A stored snapshot of another schema version is not used.
+    store.save_snapshot(&short, &annal::Snapshot::new(0, 2, json!({ "v": 0 }))).await.unwrap();
+    let (snapshot, after) = store.load_snapshot_and_events(&short, 1, 512).await.unwrap();
+    assert_eq!((snapshot, after.len()), (None, 1));
+    let refused = store.load_snapshot_and_events(&long, 1, 0).await;
+    assert!(matches!(refused, Err(Error::InvalidArgument { .. })), "{refused:?}");
 }
 
 fn other_stream() -> StreamName {

@@ -11,7 +11,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{Aggregate, Decide, Event, Snapshot};
-use crate::{Error, EventStore, ExpectedVersion, Metadata, NewEvent, Position, ReadStream, Result, StreamName};
+use crate::{
+    DEFAULT_PAGE_SIZE as PAGE, Error, EventStore, ExpectedVersion, Metadata, NewEvent, Position, ReadStream, Result,
+    StreamName,
+};
 
 /// An aggregate as loaded: its state and the stream version it reflects.
 #[derive(Clone, Debug, PartialEq)]
@@ -259,16 +262,58 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
     }
 
     async fn load_stream(&self, stream: &StreamName) -> Result<Loaded<A>> {
+        let Some(schema_version) = A::snapshot_policy().schema_version() else {
+            return self.replay(stream, A::default(), None).await;
+        };
+        // The snapshot and the first page after it in one read; anything damaged is read
+        // apart, so that a bad snapshot is skipped and a bad event reported as a replay does.
+        let (snapshot, events) = match self.store.load_snapshot_and_events(stream, schema_version, PAGE).await {
+            Ok(read) => read,
+            Err(Error::Corrupt { .. } | Error::Decode { .. } | Error::Unreadable(_)) => {
+                return self.load_apart(stream, schema_version).await;
+            }
+            Err(error) => return Err(error),
+        };
         let (mut state, mut version) = (A::default(), None);
-        if let Some(schema_version) = A::snapshot_policy().schema_version()
-            && let Some(snapshot) = self.usable_snapshot(stream).await?
-            && snapshot.schema_version == schema_version
-        {
+        if let Some(snapshot) = snapshot {
             match A::from_snapshot(snapshot.state) {
                 Ok(restored) => (state, version) = (restored, Some(snapshot.version)),
+                Err(error) => {
+                    tracing::warn!(%stream, %error, "ignoring a snapshot that does not decode");
+                    return self.replay(stream, A::default(), None).await;
+                }
+            }
+        }
+        let more = events.len() == PAGE;
+        for recorded in &events {
+            state.apply(&A::Event::from_recorded(recorded)?);
+            version = Some(recorded.version);
+        }
+        if more { self.replay(stream, state, version).await } else { Ok(Loaded { state, version }) }
+    }
+
+    /// [`load_stream`](Self::load_stream) in two reads: the snapshot, if it can be read (a
+    /// snapshot is only a shortcut, so one that is damaged is logged and the stream is
+    /// replayed from the start instead), then the events after it.
+    async fn load_apart(&self, stream: &StreamName, schema_version: u32) -> Result<Loaded<A>> {
+        let snapshot = match self.store.load_snapshot(stream).await {
+            Err(error @ (Error::Corrupt { .. } | Error::Decode { .. })) => {
+                tracing::warn!(%stream, %error, "ignoring a stored snapshot that cannot be read");
+                None
+            }
+            loaded => loaded?,
+        };
+        if let Some(snapshot) = snapshot.filter(|s| s.schema_version == schema_version) {
+            match A::from_snapshot(snapshot.state) {
+                Ok(restored) => return self.replay(stream, restored, Some(snapshot.version)).await,
                 Err(error) => tracing::warn!(%stream, %error, "ignoring a snapshot that does not decode"),
             }
         }
+        self.replay(stream, A::default(), None).await
+    }
+
+    /// Applies the events after `version` to `state`.
+    async fn replay(&self, stream: &StreamName, mut state: A, mut version: Option<u64>) -> Result<Loaded<A>> {
         let from = version.map_or(0, |v| v + 1);
         let mut events = self.store.read_stream(stream, ReadStream::forwards().from_version(from));
         while let Some(recorded) = events.try_next().await? {
@@ -276,18 +321,6 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
             version = Some(recorded.version);
         }
         Ok(Loaded { state, version })
-    }
-
-    /// The stored snapshot, if it can be read: a snapshot is only a shortcut, so one that is
-    /// damaged is logged and the stream is replayed from the start instead.
-    async fn usable_snapshot(&self, stream: &StreamName) -> Result<Option<Snapshot>> {
-        match self.store.load_snapshot(stream).await {
-            Err(error @ (Error::Corrupt { .. } | Error::Decode { .. })) => {
-                tracing::warn!(%stream, %error, "ignoring a stored snapshot that cannot be read");
-                Ok(None)
-            }
-            loaded => loaded,
-        }
     }
 
     /// Runs `command` against the aggregate and appends the events it decides.

@@ -769,6 +769,40 @@ impl EventStore for PgEventStore {
         .transpose()
     }
 
+    /// One statement: the snapshot's row (event columns null but the version, its state in the
+    /// data column), then the page of events after it, in version order.
+    async fn load_snapshot_and_events(
+        &self,
+        stream: &StreamName,
+        schema_version: u32,
+        limit: usize,
+    ) -> Result<(Option<Snapshot>, Vec<RecordedEvent>)> {
+        check_limit(limit)?;
+        const LOAD: &str = concat!(
+            "WITH snapshot AS (SELECT version, state FROM annal_snapshots WHERE stream = $1 AND schema_version = $2) ",
+            "(SELECT NULL::int8, NULL::int8, NULL::uuid, NULL::text, version, NULL::text, NULL::int4, state::text, ",
+            "NULL::text, NULL::timestamptz FROM snapshot) UNION ALL (",
+            select_events!(),
+            " WHERE stream = $1 AND version > coalesce((SELECT version FROM snapshot), -1) ORDER BY version LIMIT $3)",
+            " ORDER BY 5"
+        );
+        let rows = sqlx::query(LOAD)
+            .bind(stream.as_str())
+            .bind(i64::from(schema_version))
+            .bind(to_i64(limit as u64))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut rows = rows.iter().peekable();
+        let snapshot = match rows.next_if(|row| matches!(row.try_get::<Option<i64>, _>(0), Ok(None))) {
+            Some(row) => {
+                let state = decode_json(&row.try_get::<String, _>(7)?, || format!("snapshot of {stream}"))?;
+                Some(Snapshot::new(to_u64(row.try_get(4)?), schema_version, state))
+            }
+            None => None,
+        };
+        Ok((snapshot, rows.map(decode).collect::<Result<_>>()?))
+    }
+
     async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
         let (_, state) = encode_snapshot(snapshot)?;
         sqlx::query(save_snapshot!("VALUES ($1, $2, $3, $4::jsonb)"))

@@ -523,6 +523,41 @@ impl EventStore for SqliteEventStore {
         .transpose()
     }
 
+    /// One query: the snapshot's row (event columns null but the version, its state in the data
+    /// column), then the page of events after it, in version order.
+    async fn load_snapshot_and_events(
+        &self,
+        stream: &StreamName,
+        schema_version: u32,
+        limit: usize,
+    ) -> Result<(Option<Snapshot>, Vec<RecordedEvent>)> {
+        check_limit(limit)?;
+        const LOAD: &str = concat!(
+            "WITH snapshot AS (SELECT version, state FROM annal_snapshots WHERE stream = ?1 AND schema_version = ?2) ",
+            "SELECT NULL AS position, NULL AS event_id, NULL AS stream, version, NULL AS event_type, ",
+            "NULL AS schema_version, state AS data, NULL AS metadata, NULL AS recorded_at FROM snapshot ",
+            "UNION ALL SELECT * FROM (",
+            select_events!(),
+            " WHERE stream = ?1 AND version > coalesce((SELECT version FROM snapshot), -1) ORDER BY version LIMIT ?3)",
+            " ORDER BY version"
+        );
+        let rows = sqlx::query(LOAD)
+            .bind(stream.as_str())
+            .bind(i64::from(schema_version))
+            .bind(to_i64(limit as u64))
+            .fetch_all(&self.readers)
+            .await?;
+        let mut rows = rows.iter().peekable();
+        let snapshot = match rows.next_if(|row| matches!(row.try_get::<Option<i64>, _>("position"), Ok(None))) {
+            Some(row) => {
+                let state = decode_json(&row.try_get::<String, _>("data")?, || format!("snapshot of {stream}"))?;
+                Some(Snapshot::new(to_u64(row.try_get("version")?), schema_version, state))
+            }
+            None => None,
+        };
+        Ok((snapshot, rows.map(decode).collect::<Result<_>>()?))
+    }
+
     async fn save_snapshot(&self, stream: &StreamName, snapshot: &Snapshot) -> Result<()> {
         let (_, state) = encode_snapshot(snapshot)?;
         save_snapshot(&self.writer, stream, snapshot, state).await
