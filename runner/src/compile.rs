@@ -30,7 +30,7 @@ pub struct Statement {
 
 /// The PostgreSQL type of each parameter: placeholders carry it (`$2::jsonb`) so statements can
 /// be prepared, and checked, before any value is bound.
-fn postgres_type(parameter: &str) -> &'static str {
+pub(crate) fn postgres_type(parameter: &str) -> &'static str {
     match parameter {
         "data" | "metadata" => "jsonb",
         "recorded_at" => "timestamptz",

@@ -229,6 +229,23 @@ impl Database {
     }
 }
 
+impl Database {
+    /// On PostgreSQL, makes the handlers of `projections` functions so that each applies a batch
+    /// in one statement ([`SqlProjection::install_postgres`]). One that cannot (a role that may
+    /// not create functions) is logged, and runs a statement per event instead.
+    pub(crate) async fn install(&self, projections: &[SqlProjection]) {
+        #[cfg(feature = "postgres")]
+        if let Database::Postgres(store) = self {
+            for projection in projections {
+                if let Err(error) = projection.install_postgres(store.pool()).await {
+                    tracing::warn!(projection = projection.name(), %error,
+                        "handler functions could not be made: a statement per event instead of one per batch");
+                }
+            }
+        }
+    }
+}
+
 /// The runner's error for a schema that is not up to date, naming `target` and what to do; any
 /// other error given back.
 fn not_migrated(target: &str, error: annal_eventstore::Error) -> std::result::Result<Error, annal_eventstore::Error> {

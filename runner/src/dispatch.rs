@@ -36,12 +36,14 @@ pub(crate) async fn run(cli: Cli, extra: Vec<Arc<dyn Projection>>) -> Result<()>
         }
         Command::Migrate => {
             database.check(&setup, &sql, true).await?;
+            database.install(&sql).await;
             out!("tables are up to date");
         }
         Command::Run { only, listen } => {
             // Before anything runs: a SIGTERM from now on is a graceful shutdown.
             let stop = crate::serve::shutdown_signal();
             database.check(&setup, &sql, true).await?;
+            database.install(&sql).await;
             projections.extend(sql.into_iter().map(|p| Arc::new(p) as Arc<dyn Projection>));
             projections.extend(extra);
             if !only.is_empty() {

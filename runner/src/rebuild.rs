@@ -104,6 +104,7 @@ pub(crate) async fn rebuild_in_shadow(
         }
         let projection = SqlProjection::new(shadow)?;
         database.check(&shadow.setup, std::slice::from_ref(&projection), true).await?;
+        database.install(std::slice::from_ref(&projection)).await;
         let total = replay(database, store.clone(), config, Arc::new(projection), &live.name, None, &progress).await?;
         store.promote(&shadow.name, &live.name, &live.promotion(database.is_postgres())).await?;
         Ok::<_, Error>(total)
