@@ -304,15 +304,37 @@ struct Run {
     rate: u32,
     writers: usize,
     per_append: usize,
-    /// One statement per batch instead of one per event.
-    batched: bool,
-    /// The projection's transactions commit asynchronously.
-    async_commit: bool,
+    handler: Handler,
 }
 
+/// How the projection writes its read model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handler {
+    /// A Rust projection running one `INSERT` per event.
+    PerEvent,
+    /// A Rust projection running one `INSERT ... SELECT FROM unnest(...)` per batch.
+    PerBatch,
+    /// The same, its transactions committing asynchronously.
+    PerBatchAsync,
+    /// The runner's declarative SQL projection with one `INSERT` per event type (one statement
+    /// per event as the user writes it; on PostgreSQL the runner applies a batch in one call).
+    Declarative,
+}
+
+/// The declarative projection: the same ledger, as a user configures it for `annal-runner`.
+const DECLARATIVE: &str = r#"
+database = "postgres://unused"
+[[projection]]
+name = "lag_ledger"
+categories = ["lag"]
+[projection.handlers]
+Deposited = "INSERT INTO bench_ledger (event_id, stream, amount) VALUES (:event_id, :stream, (:data ->> 'amount')::bigint)"
+"#;
+
 /// PostgreSQL at 1,000, 5,000 and 10,000 events per second with one statement per event (the
-/// last from writers appending 10 events at a time), and at 5,000 with one statement per batch,
-/// then also with asynchronous commit.
+/// last from writers appending 10 events at a time, once from a Rust projection and once from
+/// the runner's declarative one), and at 5,000 with one statement per batch, then also with
+/// asynchronous commit.
 pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::Result<(Vec<Measurement>, Vec<Curve>)> {
     let pool = schema_pool(admin, url, "bench_lag", 24).await?;
     sqlx::query(LEDGER_TABLE).execute(&pool).await?;
@@ -321,15 +343,25 @@ pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::R
     let mut measurements = Vec::new();
     let mut curves = Vec::new();
     let runs = [
-        (1000, 1, false, false),
-        (5000, 5, false, false),
-        (10_000, 10, false, false),
-        (5000, 5, true, false),
-        (5000, 5, true, true),
+        (1000, 1, Handler::PerEvent),
+        (5000, 5, Handler::PerEvent),
+        (10_000, 10, Handler::PerEvent),
+        (10_000, 10, Handler::Declarative),
+        (5000, 5, Handler::PerBatch),
+        (5000, 5, Handler::PerBatchAsync),
     ];
-    for (rate, per_append, batched, async_commit) in runs {
-        let run = Run { backend: "PostgreSQL", rate, writers: 8, per_append, batched, async_commit };
-        let (m, curve) = measure(events.clone(), inner.clone(), run, plan).await?;
+    for (rate, per_append, handler) in runs {
+        let run = Run { backend: "PostgreSQL", rate, writers: 8, per_append, handler };
+        let projection = match handler {
+            Handler::Declarative => {
+                let config = annal_runner::Config::parse(DECLARATIVE)?;
+                let sql = annal_runner::SqlProjection::new(&config.projections[0])?;
+                sql.install_postgres(events.pool()).await?;
+                Arc::new(sql) as Arc<dyn Projection>
+            }
+            _ => ledger(handler),
+        };
+        let (m, curve) = measure(events.clone(), inner.clone(), projection, run, plan).await?;
         measurements.extend(m);
         curves.push(curve);
     }
@@ -344,28 +376,39 @@ pub(crate) async fn sqlite(plan: Plan) -> anyhow::Result<(Vec<Measurement>, Vec<
     let events = SqliteEventStore::open(dir.path().join("lag.db")).await?;
     sqlx::query(LEDGER_TABLE).execute(events.writer()).await?;
     let inner = SqliteProjectionStore::new(&events).await?;
-    let run = Run { backend: "SQLite", rate: 1000, writers: 4, per_append: 5, batched: false, async_commit: false };
-    let (measurements, curve) = measure(events.clone(), inner, run, plan).await?;
+    let run = Run { backend: "SQLite", rate: 1000, writers: 4, per_append: 5, handler: Handler::PerEvent };
+    let (measurements, curve) = measure(events.clone(), inner, ledger(run.handler), run, plan).await?;
     events.close().await;
     Ok((measurements, vec![curve]))
 }
 
-async fn measure<E, S>(events: E, inner: S, run: Run, plan: Plan) -> anyhow::Result<(Vec<Measurement>, Curve)>
+/// The Rust ledger projection writing as `handler` says.
+fn ledger(handler: Handler) -> Arc<dyn Projection> {
+    Arc::new(Ledger {
+        name: "lag_ledger".to_owned(),
+        batched: matches!(handler, Handler::PerBatch | Handler::PerBatchAsync),
+        async_commit: handler == Handler::PerBatchAsync,
+    })
+}
+
+async fn measure<E, S>(
+    events: E,
+    inner: S,
+    projection: Arc<dyn Projection>,
+    run: Run,
+    plan: Plan,
+) -> anyhow::Result<(Vec<Measurement>, Curve)>
 where
     E: EventStore + Clone + 'static,
     S: ProjectionStore + 'static,
 {
     // One projection for all runs on a backend: each run continues from the previous one's
     // checkpoint, so no event is applied twice to the shared read model.
-    let name = "lag_ledger".to_owned();
+    let name = projection.name().to_owned();
     let probe = Probe::new()?;
     let store = Arc::new(Timed { inner, probe: probe.clone() });
-    let running = ProjectionRunner::new(Arc::new(events.clone()), store)
-        .with(
-            Arc::new(Ledger { name: name.clone(), batched: run.batched, async_commit: run.async_commit }),
-            WorkerOptions::default(),
-        )?
-        .start();
+    let running =
+        ProjectionRunner::new(Arc::new(events.clone()), store).with(projection, WorkerOptions::default())?.start();
     // Warm up: the projection has taken its lease and applied a first event.
     let warmup = StreamName::new(format!("lag-warmup{}", run_id()))?;
     let first = events.append(&warmup, ExpectedVersion::NoStream, crate::db::events(1)).await?;
@@ -426,10 +469,11 @@ where
         before.ms(0.5),
         before.ms(0.99)
     );
-    let statements = match (run.batched, run.async_commit) {
-        (false, _) => "one INSERT per event",
-        (true, false) => "one INSERT per batch",
-        (true, true) => "one INSERT per batch, asynchronous commit",
+    let statements = match run.handler {
+        Handler::PerEvent => "one INSERT per event",
+        Handler::Declarative => "one INSERT per event, declarative (annal-runner)",
+        Handler::PerBatch => "one INSERT per batch",
+        Handler::PerBatchAsync => "one INSERT per batch, asynchronous commit",
     };
     let label = format!("{} lag at {} events/s, {statements}", run.backend, run.rate);
     let how = format!(
@@ -469,10 +513,11 @@ where
         )
         .note("recorded_at to applied, from Lag::latency"),
     ];
-    let short = match (run.batched, run.async_commit) {
-        (false, _) => "",
-        (true, false) => ", batched",
-        (true, true) => ", batched, async commit",
+    let short = match run.handler {
+        Handler::PerEvent => "",
+        Handler::Declarative => ", declarative",
+        Handler::PerBatch => ", batched",
+        Handler::PerBatchAsync => ", batched, async commit",
     };
     Ok((measurements, latencies.curve(format!("{}, {} events/s{short}", run.backend, run.rate))))
 }

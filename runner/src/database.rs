@@ -233,8 +233,10 @@ impl Database {
     /// On PostgreSQL, makes the handlers of `projections` functions so that each applies a batch
     /// in one statement ([`SqlProjection::install_postgres`]). One that cannot (a role that may
     /// not create functions) is logged, and runs a statement per event instead.
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
     pub(crate) async fn install(&self, projections: &[SqlProjection]) {
         #[cfg(feature = "postgres")]
+        #[allow(irrefutable_let_patterns)] // Built with PostgreSQL alone.
         if let Database::Postgres(store) = self {
             for projection in projections {
                 if let Err(error) = projection.install_postgres(store.pool()).await {
