@@ -16,12 +16,13 @@ macro_rules! backends {
     ($($(#[$attr:meta])* $case:ident),* $(,)?) => {
         mod on_memory {
             $($(#[$attr])* #[tokio::test]
-            async fn $case() { super::$case(annal::MemoryEventStore::new(), "memory").await; })*
+            async fn $case() { super::init(); super::$case(annal::MemoryEventStore::new(), "memory").await; })*
         }
         #[cfg(feature = "sqlite")]
         mod on_sqlite {
             $($(#[$attr])* #[tokio::test]
             async fn $case() {
+                super::init();
                 let dir = tempfile::tempdir().unwrap();
                 let store = annal::SqliteEventStore::open(dir.path().join("events.db")).await.unwrap();
                 super::$case(store, "sqlite").await;
@@ -30,7 +31,7 @@ macro_rules! backends {
         #[cfg(feature = "postgres")]
         mod on_postgres {
             $($(#[$attr])* #[tokio::test]
-            async fn $case() { super::$case(crate::support::pg::fresh_store().await, "postgres").await; })*
+            async fn $case() { super::init(); super::$case(crate::support::pg::fresh_store().await, "postgres").await; })*
         }
     };
 }
@@ -45,6 +46,15 @@ backends!(
 
 /// The samples of a Prometheus text exposition whose series name is `name` and whose labels
 /// include every one of `labels`, summed.
+/// Before a test touches a store: with OpenTelemetry, the global subscriber the span tests read
+/// is installed first. A test that created a span (registered its callsite) while another was
+/// installing the subscriber could leave that callsite disabled for every test of the binary,
+/// and a span test would then find no spans: the race made this binary fail now and then.
+fn init() {
+    #[cfg(all(feature = "opentelemetry", feature = "projections"))]
+    spans::exporter();
+}
+
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
@@ -126,6 +136,21 @@ mod spans {
             .collect()
     }
 
+    /// The finished spans of `trace_id` once `done` says they are all there: a span ends when
+    /// its last handle is dropped, which may be just after the call that used it returned.
+    /// Fails after a patience that only a bug exhausts.
+    pub(super) async fn finished_when(trace_id: u128, done: impl Fn(&[SpanData]) -> bool) -> Vec<SpanData> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let spans = finished(trace_id);
+            if done(&spans) {
+                return spans;
+            }
+            assert!(std::time::Instant::now() < deadline, "the spans never finished: {spans:#?}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     pub(super) fn span_id(span: &SpanData) -> u64 {
         u64::from_be_bytes(span.span_context.span_id().to_bytes())
     }
@@ -196,11 +221,12 @@ async fn events_keep_the_appending_span_and_projection_spans_link_to_it<S: Event
     let plain: Vec<_> = store.read_stream(&untraced, annal::ReadStream::forwards()).try_collect().await.unwrap();
     let own = plain[0].metadata.traceparent.expect("an append outside any span is traced too");
     assert_ne!(own.trace_id(), trace);
-    assert!(
-        spans::finished(own.trace_id()).iter().any(|s| s.name == "annal.append" && spans::span_id(s) == own.span_id())
-    );
+    spans::finished_when(own.trace_id(), |f| {
+        f.iter().any(|s| s.name == "annal.append" && spans::span_id(s) == own.span_id())
+    })
+    .await;
     assert_eq!(kept.trace_id(), trace, "{backend}: the request's trace");
-    let finished = spans::finished(trace);
+    let finished = spans::finished_when(trace, |f| f.iter().any(|s| spans::span_id(s) == kept.span_id())).await;
     let append = finished.iter().find(|s| spans::span_id(s) == kept.span_id()).expect("the appending span is exported");
     assert_eq!(append.name, "annal.append");
     assert_eq!(u64::from_be_bytes(append.parent_span_id.to_bytes()), request_id.span_id());
@@ -288,7 +314,10 @@ async fn commands_append_inside_a_span_that_shows_their_ids<S: EventStore + 'sta
     let event = repository.store().read_event(executed.events[0].id).await.unwrap().unwrap();
     let kept = event.metadata.traceparent.expect("the command's event keeps a traceparent");
     assert_eq!(kept.trace_id(), request_id.trace_id());
-    let finished = spans::finished(kept.trace_id());
+    let finished = spans::finished_when(kept.trace_id(), |f| {
+        f.iter().any(|s| spans::span_id(s) == kept.span_id()) && f.iter().any(|s| s.name == "annal.command")
+    })
+    .await;
     let by_id = |id: u64| finished.iter().find(|s| spans::span_id(s) == id).unwrap_or_else(|| panic!("{finished:#?}"));
     let append = by_id(kept.span_id());
     assert_eq!(append.name, "annal.append");
