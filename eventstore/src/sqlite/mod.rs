@@ -32,8 +32,14 @@ const ROWS_PER_INSERT: usize = 100;
 
 macro_rules! select_events {
     () => {
-        "SELECT position, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at \
-         FROM annal_events"
+        concat!("SELECT ", event_columns!(), " FROM annal_events")
+    };
+}
+
+/// [`select_events!`]'s columns.
+macro_rules! event_columns {
+    () => {
+        "position, event_id, stream, version, event_type, schema_version, data, metadata, recorded_at"
     };
 }
 
@@ -325,6 +331,16 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.is_unique_violation())
 }
 
+/// A filtered page's row: the event's, or `None` when it is the head's row (the head is then
+/// stored in `head`; `Position::START` for an empty log).
+fn event_or_head(row: SqliteRow, head: &mut Position) -> Result<Option<SqliteRow>, sqlx::Error> {
+    if row.try_get::<i64, _>("head_row")? == 0 {
+        return Ok(Some(row));
+    }
+    *head = row.try_get::<Option<i64>, _>("position")?.map_or(Position::START, |p| Position::new(0, to_u64(p)));
+    Ok(None)
+}
+
 fn decode(row: &SqliteRow) -> Result<RecordedEvent> {
     let mut problem = None;
     let position = Position::new(0, to_u64(row.try_get("position")?));
@@ -471,18 +487,37 @@ impl EventStore for SqliteEventStore {
 
     async fn read_all_page(&self, from: Position, filter: &Filter, limit: usize) -> Result<Page> {
         check_limit(limit)?;
-        // Read before the page, the head is covered by the page's later snapshot: if the page
-        // is short, the reader has seen everything up to it.
-        let head_before = if filter.is_all() { from } else { self.head().await? };
-        let mut q = QueryBuilder::<Sqlite>::new(concat!(select_events!(), " WHERE position > "));
+        if filter.is_all() {
+            let mut q = QueryBuilder::<Sqlite>::new(concat!(select_events!(), " WHERE position > "));
+            q.push_bind(to_i64(from.flat_sequence()));
+            q.push(" ORDER BY position LIMIT ").push_bind(to_i64(limit as u64));
+            let (events, stopped) = decode_rows(q.build().fetch(&self.readers), limit, decode).await?;
+            return Ok(Page::after(from, events, limit, from, stopped));
+        }
+        // A filtered page skips events, so the reader needs the head to move past them. The
+        // same query reads it, in the same snapshot, so a short page has seen every selected
+        // event up to it. It is the row with `head_row` 1, its event columns null.
+        let mut q = QueryBuilder::<Sqlite>::new(concat!(
+            "SELECT * FROM (SELECT ",
+            event_columns!(),
+            ", 0 AS head_row FROM annal_events WHERE position > "
+        ));
         q.push_bind(to_i64(from.flat_sequence()));
         push_in(&mut q, "category", filter.category_list());
         push_in(&mut q, "event_type", filter.event_type_list());
         push_partition(&mut q, filter);
         predicate::push_data(&mut q, filter.data());
         q.push(" ORDER BY position LIMIT ").push_bind(to_i64(limit as u64));
-        let (events, stopped) = decode_rows(q.build().fetch(&self.readers), limit, decode).await?;
-        Ok(Page::after(from, events, limit, head_before, stopped))
+        q.push(
+            ") UNION ALL SELECT max(position), NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 1 FROM annal_events \
+             ORDER BY position, head_row",
+        );
+        let mut head = Position::START;
+        let rows = futures::TryStreamExt::try_filter_map(q.build().fetch(&self.readers), |row| {
+            std::future::ready(event_or_head(row, &mut head))
+        });
+        let (events, stopped) = decode_rows(rows, limit, decode).await?;
+        Ok(Page::after(from, events, limit, head, stopped))
     }
 
     async fn read_event(&self, id: Uuid) -> Result<Option<RecordedEvent>> {
