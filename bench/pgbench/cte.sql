@@ -1,0 +1,3 @@
+-- The snapshot in a CTE, the union ordered by version.
+\set s random(0, 999)
+WITH snapshot AS (SELECT version, state FROM annal_snapshots WHERE stream = 'c-' || :s AND schema_version = 1) (SELECT NULL::int8, NULL::int8, NULL::uuid, NULL::text, version, NULL::text, NULL::int4, state::text, NULL::text, NULL::timestamptz FROM snapshot) UNION ALL (SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data::text AS data, metadata::text AS metadata, recorded_at FROM annal_events WHERE stream = 'c-' || :s AND version > coalesce((SELECT version FROM snapshot), -1) ORDER BY version LIMIT 512) ORDER BY 5;

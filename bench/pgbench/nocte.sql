@@ -1,0 +1,3 @@
+-- The snapshot probed twice, no ORDER BY over the union (the form Annal uses).
+\set s random(0, 999)
+(SELECT NULL::int8, NULL::int8, NULL::uuid, NULL::text, version, NULL::text, NULL::int4, state::text, NULL::text, NULL::timestamptz FROM annal_snapshots WHERE stream = 'c-' || :s AND schema_version = 1) UNION ALL (SELECT tx_id, seq, event_id, stream, version, event_type, schema_version, data::text AS data, metadata::text AS metadata, recorded_at FROM annal_events WHERE stream = 'c-' || :s AND version > coalesce((SELECT version FROM annal_snapshots WHERE stream = 'c-' || :s AND schema_version = 1), -1) ORDER BY version LIMIT 512);
