@@ -198,6 +198,18 @@ impl<A, S: std::fmt::Debug> std::fmt::Debug for Repository<A, S> {
 
 /// The id of event `index` of command `command_id` on `stream`: a UUIDv5 in the command id's
 /// namespace of the stream name and the index, so that the key is scoped to the aggregate.
+/// The state a snapshot holds and its version, or `None` (logged) for one that does not decode:
+/// a snapshot is only a shortcut, so the stream is then replayed from the start.
+fn restore<A: Decide>(stream: &StreamName, snapshot: Snapshot) -> Option<(A, u64)> {
+    match A::from_snapshot(snapshot.state) {
+        Ok(state) => Some((state, snapshot.version)),
+        Err(error) => {
+            tracing::warn!(%stream, %error, "ignoring a snapshot that does not decode");
+            None
+        }
+    }
+}
+
 fn command_event_id(command_id: Uuid, stream: &StreamName, index: usize) -> Uuid {
     // Stream names hold no control characters, so the NUL keeps name and index apart.
     let mut name = Vec::with_capacity(stream.as_str().len() + 9);
@@ -276,13 +288,10 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
         };
         let (mut state, mut version) = (A::default(), None);
         if let Some(snapshot) = snapshot {
-            match A::from_snapshot(snapshot.state) {
-                Ok(restored) => (state, version) = (restored, Some(snapshot.version)),
-                Err(error) => {
-                    tracing::warn!(%stream, %error, "ignoring a snapshot that does not decode");
-                    return self.replay(stream, A::default(), None).await;
-                }
-            }
+            let Some(restored) = restore::<A>(stream, snapshot) else {
+                return self.replay(stream, A::default(), None).await;
+            };
+            (state, version) = (restored.0, Some(restored.1));
         }
         let more = events.len() == PAGE;
         for recorded in &events {
@@ -303,13 +312,10 @@ impl<A: Decide, S: EventStore> Repository<A, S> {
             }
             loaded => loaded?,
         };
-        if let Some(snapshot) = snapshot.filter(|s| s.schema_version == schema_version) {
-            match A::from_snapshot(snapshot.state) {
-                Ok(restored) => return self.replay(stream, restored, Some(snapshot.version)).await,
-                Err(error) => tracing::warn!(%stream, %error, "ignoring a snapshot that does not decode"),
-            }
+        match snapshot.filter(|s| s.schema_version == schema_version).and_then(|s| restore::<A>(stream, s)) {
+            Some((state, version)) => self.replay(stream, state, Some(version)).await,
+            None => self.replay(stream, A::default(), None).await,
         }
-        self.replay(stream, A::default(), None).await
     }
 
     /// Applies the events after `version` to `state`.
