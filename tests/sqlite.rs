@@ -73,6 +73,65 @@ async fn stores_sharing_a_file_keep_one_order_and_one_winner() {
     writer.await.unwrap();
 }
 
+/// Forty writers on two stores sharing one file (two processes, as far as SQLite can tell),
+/// racing on one stream in every expected-version mode: every append at the end lands once at
+/// its own version, and of those expecting one version exactly one wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_writers_on_two_stores_race_in_every_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let stores = [SqliteEventStore::open(&path).await.unwrap(), SqliteEventStore::open(&path).await.unwrap()];
+    let race = |stream: &'static str, expected: ExpectedVersion| {
+        let stores = stores.clone();
+        async move {
+            let stream = StreamName::new(stream).unwrap();
+            let appends = (0..40).map(|w| {
+                let (store, stream) = (stores[w % 2].clone(), stream.clone());
+                tokio::spawn(async move { store.append(&stream, expected, vec![event(w as u64)]).await })
+            });
+            let mut results = Vec::new();
+            for append in appends.collect::<Vec<_>>() {
+                results.push(append.await.unwrap());
+            }
+            results
+        }
+    };
+    let versions = |results: &[annal::Result<annal::AppendResult>]| {
+        let mut v: Vec<u64> = results.iter().filter_map(|r| r.as_ref().ok().map(|r| r.version)).collect();
+        v.sort_unstable();
+        v
+    };
+    let conflicts_at = |results: &[annal::Result<annal::AppendResult>], actual: u64| {
+        results.iter().filter(|r| matches!(r, Err(Error::Conflict { actual: a, .. }) if *a == Some(actual))).count()
+    };
+
+    let any = race("any-1", ExpectedVersion::Any).await;
+    assert_eq!(versions(&any), (0..40).collect::<Vec<_>>(), "{any:?}");
+
+    let created = race("new-1", ExpectedVersion::NoStream).await;
+    assert_eq!(versions(&created), [0], "{created:?}");
+    assert_eq!(conflicts_at(&created, 0), 39, "{created:?}");
+
+    let exists = race("new-1", ExpectedVersion::StreamExists).await;
+    assert_eq!(versions(&exists), (1..41).collect::<Vec<_>>(), "{exists:?}");
+    let missing = race("missing-1", ExpectedVersion::StreamExists).await;
+    assert!(missing.iter().all(|r| matches!(r, Err(Error::Conflict { actual: None, .. }))), "{missing:?}");
+
+    let exact = race("new-1", ExpectedVersion::Exact(40)).await;
+    assert_eq!(versions(&exact), [41], "{exact:?}");
+    assert_eq!(conflicts_at(&exact, 41), 39, "{exact:?}");
+    let behind = race("new-1", ExpectedVersion::Exact(7)).await;
+    assert_eq!(conflicts_at(&behind, 41), 40, "{behind:?}");
+    let ahead = race("new-1", ExpectedVersion::Exact(50)).await;
+    assert_eq!(conflicts_at(&ahead, 41), 40, "{ahead:?}");
+
+    // What is stored is what was acknowledged: one event per version, in position order.
+    let stored: Vec<_> =
+        stores[1].read_stream(&StreamName::new("new-1").unwrap(), ReadStream::forwards()).try_collect().await.unwrap();
+    assert_eq!(stored.iter().map(|e| e.version).collect::<Vec<_>>(), (0..42).collect::<Vec<_>>());
+    assert!(stored.windows(2).all(|w| w[0].position < w[1].position));
+}
+
 #[tokio::test]
 async fn a_closed_store_fails_with_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();

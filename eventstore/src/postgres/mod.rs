@@ -366,6 +366,42 @@ macro_rules! save_snapshot {
     };
 }
 
+/// The columns every append writes, in the order its `SELECT` gives them.
+macro_rules! insert_events {
+    () => {
+        "INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) "
+    };
+}
+
+/// A batch's events: the arrays `$3` to `$7` (ids, types, schema versions, data, metadata)
+/// as rows `e`, numbered `e.n` from 1.
+macro_rules! batch_rows {
+    () => {
+        " FROM unnest($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[]) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) "
+    };
+}
+
+/// The guard of an exact expectation, `$8` the version expected (-1 for no stream).
+macro_rules! exact_guard {
+    () => {
+        "WHERE $8 < 0 OR EXISTS (SELECT 1 FROM annal_events WHERE stream = $1 AND version = $8 \
+            AND tx_id <= pg_current_xact_id()::text::bigint) "
+    };
+}
+
+/// The stream's last event and the guard of an expectation at the end (`$8`: it must exist).
+macro_rules! last_event {
+    () => {
+        "WITH last AS (SELECT version, tx_id FROM annal_events WHERE stream = $1 ORDER BY version DESC LIMIT 1) "
+    };
+}
+macro_rules! at_end_guard {
+    () => {
+        "WHERE (NOT $8 OR EXISTS (SELECT 1 FROM last)) \
+            AND NOT EXISTS (SELECT 1 FROM last WHERE tx_id > pg_current_xact_id()::text::bigint) "
+    };
+}
+
 /// The append statement for each expectation. Versions are `base + n`, where `n` counts the
 /// batch from 1; the guards make a statement insert nothing when the expectation fails in a way
 /// no unique key catches (the stream is shorter than expected, or missing), and when the stream's
@@ -373,13 +409,13 @@ macro_rules! save_snapshot {
 /// that event in the global order (see `docs/ordering.md`, "Per-stream order").
 macro_rules! append_exact {
     () => {
-        "INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) \
-    SELECT e.id, $1, $2, $8 + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, $9 \
-    FROM unnest($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[]) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) \
-    WHERE $8 < 0 OR EXISTS (SELECT 1 FROM annal_events WHERE stream = $1 AND version = $8 \
-        AND tx_id <= pg_current_xact_id()::text::bigint) \
-    ORDER BY e.n \
-    RETURNING version, tx_id, seq"
+        concat!(
+            insert_events!(),
+            "SELECT e.id, $1, $2, $8 + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, $9",
+            batch_rows!(),
+            exact_guard!(),
+            "ORDER BY e.n RETURNING version, tx_id, seq"
+        )
     };
 }
 const APPEND_EXACT: &str = append_exact!();
@@ -394,15 +430,31 @@ const APPEND_EXACT_WITH_SNAPSHOT: &str = concat!(
     ") SELECT version, tx_id, seq FROM appended"
 );
 
-const APPEND_AT_END: &str = "\
-    WITH last AS (SELECT version, tx_id FROM annal_events WHERE stream = $1 ORDER BY version DESC LIMIT 1) \
-    INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) \
-    SELECT e.id, $1, $2, coalesce((SELECT version FROM last), -1) + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, $9 \
-    FROM unnest($3::uuid[], $4::text[], $5::int4[], $6::text[], $7::text[]) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) \
-    WHERE (NOT $8 OR EXISTS (SELECT 1 FROM last)) \
-        AND NOT EXISTS (SELECT 1 FROM last WHERE tx_id > pg_current_xact_id()::text::bigint) \
-    ORDER BY e.n \
-    RETURNING version, tx_id, seq";
+const APPEND_AT_END: &str = concat!(
+    last_event!(),
+    insert_events!(),
+    "SELECT e.id, $1, $2, coalesce((SELECT version FROM last), -1) + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, $9",
+    batch_rows!(),
+    at_end_guard!(),
+    "ORDER BY e.n RETURNING version, tx_id, seq"
+);
+
+/// The same statements for a single event, `$3` to `$7` its id, type, schema version, data and
+/// metadata: no arrays to build, unnest, number and sort, which is most of what a one-event
+/// append costs beyond a plain `INSERT` (`bench/pgbench/append-forms.sh`).
+const APPEND_ONE_EXACT: &str = concat!(
+    insert_events!(),
+    "SELECT $3, $1, $2, $8 + 1, $4, $5, $6::jsonb, $7::jsonb, $9 ",
+    exact_guard!(),
+    "RETURNING version, tx_id, seq"
+);
+const APPEND_ONE_AT_END: &str = concat!(
+    last_event!(),
+    insert_events!(),
+    "SELECT $3, $1, $2, coalesce((SELECT version FROM last), -1) + 1, $4, $5, $6::jsonb, $7::jsonb, $9 ",
+    at_end_guard!(),
+    "RETURNING version, tx_id, seq"
+);
 
 /// Fills in the stream hash of events written before it was stored (migration 0003): one
 /// read of the streams concerned through a partial index, then one update per chunk of streams.
@@ -432,21 +484,36 @@ async fn try_insert(
     batch: &[EncodedEvent],
     snapshot: Option<(&Snapshot, &str)>,
 ) -> Result<Vec<(i64, Position)>, sqlx::Error> {
-    let exact = if snapshot.is_some() { APPEND_EXACT_WITH_SNAPSHOT } else { APPEND_EXACT };
+    let single = match (batch, snapshot) {
+        ([event], None) => Some(event),
+        _ => None,
+    };
+    let (exact, at_end) = match (single, snapshot) {
+        (Some(_), _) => (APPEND_ONE_EXACT, APPEND_ONE_AT_END),
+        (None, Some(_)) => (APPEND_EXACT_WITH_SNAPSHOT, APPEND_AT_END),
+        (None, None) => (APPEND_EXACT, APPEND_AT_END),
+    };
     let (sql, base) = match expected {
         ExpectedVersion::Exact(v) => (exact, Some(to_i64(v))),
         ExpectedVersion::NoStream => (exact, Some(-1)),
         // `check_snapshot_with_append` refuses a snapshot with these.
-        ExpectedVersion::Any | ExpectedVersion::StreamExists => (APPEND_AT_END, None),
+        ExpectedVersion::Any | ExpectedVersion::StreamExists => (at_end, None),
     };
-    let query = sqlx::query(sql)
-        .bind(stream.as_str())
-        .bind(stream.category())
-        .bind(batch.iter().map(|e| e.event.id).collect::<Vec<_>>())
-        .bind(batch.iter().map(|e| e.event.event_type.as_str()).collect::<Vec<_>>())
-        .bind(batch.iter().map(|e| e.event.schema_version as i32).collect::<Vec<_>>())
-        .bind(batch.iter().map(|e| e.data.as_str()).collect::<Vec<_>>())
-        .bind(batch.iter().map(|e| e.metadata.as_str()).collect::<Vec<_>>());
+    let query = sqlx::query(sql).bind(stream.as_str()).bind(stream.category());
+    let query = match single {
+        Some(e) => query
+            .bind(e.event.id)
+            .bind(e.event.event_type.as_str())
+            .bind(e.event.schema_version as i32)
+            .bind(e.data.as_str())
+            .bind(e.metadata.as_str()),
+        None => query
+            .bind(batch.iter().map(|e| e.event.id).collect::<Vec<_>>())
+            .bind(batch.iter().map(|e| e.event.event_type.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|e| e.event.schema_version as i32).collect::<Vec<_>>())
+            .bind(batch.iter().map(|e| e.data.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|e| e.metadata.as_str()).collect::<Vec<_>>()),
+    };
     let query = match base {
         Some(base) => query.bind(base),
         None => query.bind(expected == ExpectedVersion::StreamExists),

@@ -371,6 +371,9 @@ impl SqliteEventStore {
     ) -> Result<AppendResult> {
         let encoded = encode_batch(events, self.max_event_size)?;
         let ids: Vec<Uuid> = encoded.iter().map(|e| e.event.id).collect();
+        if snapshot.is_none() && encoded.len() <= ROWS_PER_INSERT {
+            return self.write_in_one_statement(stream, expected, &encoded, &ids).await;
+        }
         // IMMEDIATE takes the write lock now, so the version read below cannot go stale.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM annal_events WHERE stream = ?")
@@ -411,6 +414,118 @@ impl SqliteEventStore {
         self.notifier.notify_up_to(result.position());
         Ok(result)
     }
+}
+
+impl SqliteEventStore {
+    /// Appends a batch of at most [`ROWS_PER_INSERT`] events by one statement, its own
+    /// transaction: the guard compares the stream's last version with the expectation in the
+    /// same statement, so no transaction has to hold the write lock across a read.
+    async fn write_in_one_statement(
+        &self,
+        stream: &StreamName,
+        expected: ExpectedVersion,
+        batch: &[EncodedEvent],
+        ids: &[Uuid],
+    ) -> Result<AppendResult> {
+        let mut actual = None;
+        for _ in 0..APPEND_RETRIES {
+            match insert_guarded(&self.writer, stream, expected, batch).await {
+                Ok(mut rows) if rows.len() == batch.len() => {
+                    rows.sort_unstable();
+                    let version = rows.last().map_or(0, |(v, _)| to_u64(*v));
+                    let result = AppendResult::new(
+                        version,
+                        rows.into_iter().map(|(_, p)| Position::new(0, to_u64(p))).collect(),
+                    );
+                    self.notifier.notify_up_to(result.position());
+                    return Ok(result);
+                }
+                Ok(_) => {}
+                Err(e) if is_unique_violation(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+            // Rejected: an idempotent retry, a duplicate id, or a version conflict; or another
+            // process appended between this statement and the read below.
+            if let Some(original) = resolve_written(stream, expected, ids, self.written(ids).await?)? {
+                return Ok(original);
+            }
+            let last: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM annal_events WHERE stream = ?")
+                .bind(stream.as_str())
+                .fetch_one(&self.writer)
+                .await?;
+            actual = last.map(to_u64);
+            if !expected.is_satisfied_by(actual) {
+                break;
+            }
+        }
+        Err(Error::Conflict { stream: stream.clone(), expected, actual })
+    }
+}
+
+/// How often a one-statement append is tried again when the expectation holds after it was
+/// rejected (another process sharing the file appended in between).
+const APPEND_RETRIES: usize = 50;
+
+/// The one-statement append: the stream's last version (`-1`: no stream) is read by the
+/// statement itself, the new versions follow it, and the guard makes the statement insert
+/// nothing when the expectation does not hold. `?5` is the exact version expected (`-1` for no
+/// stream, `NULL` for an append at the end), `?6` whether the stream must exist.
+async fn insert_guarded(
+    writer: &SqlitePool,
+    stream: &StreamName,
+    expected: ExpectedVersion,
+    batch: &[EncodedEvent],
+) -> Result<Vec<(i64, i64)>, sqlx::Error> {
+    let (base, must_exist) = match expected {
+        ExpectedVersion::Exact(v) => (Some(to_i64(v)), false),
+        ExpectedVersion::NoStream => (Some(-1), false),
+        ExpectedVersion::Any => (None, false),
+        ExpectedVersion::StreamExists => (None, true),
+    };
+    let mut query = sqlx::query(guarded_insert(batch.len()))
+        .bind(stream.as_str())
+        .bind(stream.category())
+        .bind(Utc::now().timestamp_micros())
+        .bind(i64::from(stream_hash(stream)))
+        .bind(base)
+        .bind(must_exist);
+    for e in batch {
+        query = query
+            .bind(e.event.id)
+            .bind(e.event.event_type.as_str())
+            .bind(i64::from(e.event.schema_version))
+            .bind(e.data.as_str())
+            .bind(e.metadata.as_str());
+    }
+    let rows = query.fetch_all(writer).await?;
+    rows.iter().map(|r| Ok((r.try_get("version")?, r.try_get("position")?))).collect()
+}
+
+/// [`insert_guarded`]'s statement for `rows` events (1 to [`ROWS_PER_INSERT`]), each built once.
+fn guarded_insert(rows: usize) -> &'static str {
+    static STATEMENTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let statements = STATEMENTS.get_or_init(|| {
+        (1..=ROWS_PER_INSERT)
+            .map(|rows| {
+                let values = (1..=rows)
+                    .map(|n| {
+                        let p = 7 + (n - 1) * 5;
+                        format!("(?{p}, ?{}, ?{}, ?{}, ?{}, {n})", p + 1, p + 2, p + 3, p + 4)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!(
+                    "WITH b AS MATERIALIZED (SELECT coalesce(max(version), -1) AS last FROM annal_events WHERE stream = ?1) \
+                     INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, recorded_at, stream_hash) \
+                     SELECT e.column1, ?1, ?2, b.last + e.column6, e.column2, e.column3, e.column4, e.column5, ?3, ?4 \
+                     FROM b, (VALUES {values}) AS e \
+                     WHERE CASE WHEN ?5 IS NULL THEN (NOT ?6 OR b.last >= 0) ELSE b.last = ?5 END \
+                     RETURNING version, position"
+                )
+            })
+            .collect()
+    });
+    &statements[rows - 1]
 }
 
 /// Stores a snapshot unless the stream has one at a later version of the same schema.

@@ -1,0 +1,4 @@
+-- The append statement for one event before 2026-12-03: the batch form, arrays of one.
+\set v :v + 1
+\set b :v - 1
+INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) SELECT e.id, 'a-' || :run || '-' || :client_id, 'a', :b + e.n, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, 12345 FROM unnest(ARRAY[gen_random_uuid()], ARRAY['Deposited'], ARRAY[1], ARRAY['{"amount": 100, "note": "a deposit of some money into the account"}'], ARRAY['{"correlation_id": "6a1f3c2e-1111-4222-8333-944455556666"}']) WITH ORDINALITY AS e(id, ty, sv, data, meta, n) WHERE :b < 0 OR EXISTS (SELECT 1 FROM annal_events WHERE stream = 'a-' || :run || '-' || :client_id AND version = :b AND tx_id <= pg_current_xact_id()::text::bigint) ORDER BY e.n RETURNING version, tx_id, seq;
