@@ -534,6 +534,64 @@ async fn a_store_in_another_process_is_woken_by_notify() {
     }
 }
 
+/// The connection that sends a store's wake-ups is ended under it (a server restart, an
+/// operator's `pg_terminate_backend`): the next append's wake-up still reaches the other
+/// process, which polls only once an hour, so it can only have come by `NOTIFY`.
+#[tokio::test]
+async fn a_wake_up_survives_the_loss_of_the_connection_that_sends_it() {
+    let name = format!("annal-announcer-{}", uuid::Uuid::new_v4().simple());
+    let options = support::pg::fresh_schema().await;
+    let writer_options = options.clone().application_name(&name);
+    let writer = PgEventStore::from_pool(
+        sqlx::postgres::PgPoolOptions::new().max_connections(4).connect_with(writer_options).await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let admin = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await.unwrap();
+    let reader = PgEventStore::from_pool(
+        sqlx::postgres::PgPoolOptions::new().max_connections(4).connect_with(options).await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut listening = reader.wakeup();
+    assert!(listening.wait(PATIENCE).await, "the reader never listened");
+    let append = |n: u64| {
+        let writer = writer.clone();
+        async move {
+            let s = StreamName::from_parts("wake", n).unwrap();
+            writer.append(&s, ExpectedVersion::NoStream, vec![NewEvent::new("Woke", json!({ "n": n }))]).await.unwrap();
+            s
+        }
+    };
+    // The first wake-up opens the sending connection; end it once it is there.
+    let first = append(0).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid, 60000) FROM pg_stat_activity \
+             WHERE application_name = $1 AND query LIKE 'SELECT pg_notify%'",
+        )
+        .bind(&name)
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        if ended == [true] {
+            break;
+        }
+        assert!(ended.is_empty() && tokio::time::Instant::now() < deadline, "{ended:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Subscribed only now, the reader has seen no wake-up that did not say what it announced,
+    // so it does not re-poll on its own: once it has the first event it waits for a `NOTIFY`.
+    let hour = annal::SubscriptionOptions::default().poll_interval(Duration::from_secs(3600));
+    let mut sub = reader.subscribe_with(Position::START, Filter::all(), hour);
+    assert_eq!(next_within(&mut sub).await.stream, first);
+    for n in 1..3 {
+        let s = append(n).await;
+        assert_eq!(next_within(&mut sub).await.stream, s);
+    }
+}
+
 /// Counts the global reads a store serves, and tells whoever waits for a count.
 struct CountingReads {
     inner: PgEventStore,
