@@ -211,6 +211,45 @@ async fn a_conflicting_member_fails_alone_and_the_rest_of_its_group_commits_in_o
     assert_gap_free(&store).await;
 }
 
+/// The common group, every member one event at an exact version or to no stream, has a
+/// statement of its own; its guards catch a stream shorter than expected, or a stream
+/// expected at a version it does not have, and the others commit together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_single_exact_appends_commits_together_and_its_conflicts_fail_alone() {
+    let store = one_slot_store().await;
+    let model = MemoryEventStore::new();
+    for (name, n) in [("short-2", 2), ("exact-2", 2), ("exact-3", 1)] {
+        both(&store, &model, &stream(name), events(n)).await;
+    }
+    let mut group = vec![
+        (stream("short-2"), ExpectedVersion::Exact(5), events(1)),
+        (stream("missing-2"), ExpectedVersion::Exact(0), events(1)),
+        (stream("exact-2"), ExpectedVersion::Exact(1), events(1)),
+        (stream("exact-3"), ExpectedVersion::Exact(0), events(1)),
+    ];
+    for i in 0..4 {
+        group.push((stream(&format!("fresh-2-{i}")), ExpectedVersion::NoStream, events(1)));
+    }
+    let results = in_one_group(&store, group.clone()).await;
+    assert!(
+        matches!(&results[0], Err(Error::Conflict { expected: ExpectedVersion::Exact(5), actual: Some(1), .. })),
+        "{:?}",
+        results[0]
+    );
+    assert!(
+        matches!(&results[1], Err(Error::Conflict { expected: ExpectedVersion::Exact(0), actual: None, .. })),
+        "{:?}",
+        results[1]
+    );
+    let commits: HashSet<u64> =
+        results[2..].iter().flat_map(|r| r.as_ref().unwrap().positions.iter().map(|p| p.transaction())).collect();
+    assert_eq!(commits.len(), 1, "the six other appends share one transaction: {commits:?}");
+    assert_eq!(results[2].as_ref().unwrap().version, 2);
+    assert_eq!(results[3].as_ref().unwrap().version, 1);
+    assert_as_alone(&store, &model, &group, &results).await;
+    assert_gap_free(&store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_that_break_the_groups_statement_get_their_own_results_and_the_others_commit() {
     let store = one_slot_store().await;
@@ -307,10 +346,26 @@ fn member() -> impl proptest::strategy::Strategy<Value = Member> {
 /// give each member the result the in-memory store gives it alone, and store the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_groups_give_every_member_its_result_alone() {
+    groups_give_every_member_its_result_alone(member()).await;
+}
+
+/// The same for groups whose members each append one event at an exact version or to no
+/// stream: the common group, which has a statement of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_groups_of_single_exact_appends_give_every_member_its_result_alone() {
+    use proptest::prelude::*;
+    let expected = prop_oneof![Just(ExpectedVersion::NoStream), (0u64..4).prop_map(ExpectedVersion::Exact)];
+    // No idempotent retries or borrowed ids (kinds 7 to 9), which fail the whole statement.
+    let one =
+        (0usize..4, expected, 0u8..7).prop_map(|(before, expected, kind)| Member { before, expected, batch: 1, kind });
+    groups_give_every_member_its_result_alone(one).await;
+}
+
+async fn groups_give_every_member_its_result_alone(member: impl proptest::strategy::Strategy<Value = Member>) {
     use proptest::strategy::{Strategy, ValueTree};
     let store = one_slot_store().await;
     let mut runner = proptest::test_runner::TestRunner::deterministic();
-    let groups = proptest::collection::vec(member(), 2..10);
+    let groups = proptest::collection::vec(member, 2..10);
     for case in 0..24 {
         let members = groups.new_tree(&mut runner).unwrap().current();
         let model = MemoryEventStore::new();

@@ -299,41 +299,79 @@ const APPEND_GROUP: &str = "\
     ORDER BY e.i, e.n \
     RETURNING stream, version, tx_id, seq";
 
-/// Writes the group; returns, by member index, the (version, position) of each event written,
-/// in version order. Members missing from it wrote nothing.
-async fn insert_group(pool: &PgPool, group: &[Member]) -> Result<HashMap<usize, Vec<(i64, Position)>>, sqlx::Error> {
-    let base = |m: &Member| match m.expected {
+/// [`APPEND_GROUP`] for the common group, each member one event with an exact expectation (a
+/// version, or no stream): one row per member, its guard the single-event append's
+/// (`APPEND_ONE_EXACT` in `mod.rs`), no stream's last event to look up and nothing to join.
+const APPEND_GROUP_OF_ONES: &str = "\
+    INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) \
+    SELECT e.id, e.stream, e.category, e.base + 1, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, e.hash \
+    FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::uuid[], $6::text[], $7::int4[], $8::text[], $9::text[]) \
+        WITH ORDINALITY AS e(stream, category, base, hash, id, ty, sv, data, meta, i) \
+    WHERE e.base < 0 OR EXISTS (SELECT 1 FROM annal_events WHERE stream = e.stream AND version = e.base \
+        AND tx_id <= pg_current_xact_id()::text::bigint) \
+    ORDER BY e.i \
+    RETURNING stream, version, tx_id, seq";
+
+/// The exact version a member expects (-1: no stream), `None` for an append at the end.
+fn base(m: &Member) -> Option<i64> {
+    match m.expected {
         ExpectedVersion::Exact(v) => Some(to_i64(v)),
         ExpectedVersion::NoStream => Some(-1),
         ExpectedVersion::Any | ExpectedVersion::StreamExists => None,
-    };
-    let events = group.iter().enumerate().flat_map(|(i, m)| m.batch.iter().enumerate().map(move |(n, e)| (i, n, e)));
-    let (mut member, mut number, mut ids, mut types, mut schemas, mut data, mut metadata) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    for (i, n, e) in events {
-        member.push(i as i64 + 1);
-        number.push(n as i64 + 1);
-        ids.push(e.event.id);
-        types.push(e.event.event_type.as_str());
-        schemas.push(e.event.schema_version as i32);
-        data.push(e.data.as_str());
-        metadata.push(e.metadata.as_str());
     }
-    let rows = sqlx::query(APPEND_GROUP)
-        .bind(group.iter().map(|m| m.stream.as_str()).collect::<Vec<_>>())
-        .bind(group.iter().map(|m| m.stream.category()).collect::<Vec<_>>())
-        .bind(group.iter().map(base).collect::<Vec<_>>())
-        .bind(group.iter().map(|m| m.expected == ExpectedVersion::StreamExists).collect::<Vec<_>>())
-        .bind(group.iter().map(|m| i64::from(stream_hash(&m.stream))).collect::<Vec<_>>())
-        .bind(member)
-        .bind(number)
-        .bind(ids)
-        .bind(types)
-        .bind(schemas)
-        .bind(data)
-        .bind(metadata)
-        .fetch_all(pool)
-        .await?;
+}
+
+/// Writes the group; returns, by member index, the (version, position) of each event written,
+/// in version order. Members missing from it wrote nothing.
+async fn insert_group(pool: &PgPool, group: &[Member]) -> Result<HashMap<usize, Vec<(i64, Position)>>, sqlx::Error> {
+    let streams = group.iter().map(|m| m.stream.as_str()).collect::<Vec<_>>();
+    let categories = group.iter().map(|m| m.stream.category()).collect::<Vec<_>>();
+    let hashes = group.iter().map(|m| i64::from(stream_hash(&m.stream))).collect::<Vec<_>>();
+    let ones = group.iter().map(|m| match (base(m), m.batch.as_slice()) {
+        (Some(base), [event]) => Some((base, event)),
+        _ => None,
+    });
+    let query = match ones.collect::<Option<Vec<_>>>() {
+        Some(ones) => sqlx::query(APPEND_GROUP_OF_ONES)
+            .bind(streams)
+            .bind(categories)
+            .bind(ones.iter().map(|(base, _)| *base).collect::<Vec<_>>())
+            .bind(hashes)
+            .bind(ones.iter().map(|(_, e)| e.event.id).collect::<Vec<_>>())
+            .bind(ones.iter().map(|(_, e)| e.event.event_type.as_str()).collect::<Vec<_>>())
+            .bind(ones.iter().map(|(_, e)| e.event.schema_version as i32).collect::<Vec<_>>())
+            .bind(ones.iter().map(|(_, e)| e.data.as_str()).collect::<Vec<_>>())
+            .bind(ones.iter().map(|(_, e)| e.metadata.as_str()).collect::<Vec<_>>()),
+        None => {
+            let events =
+                group.iter().enumerate().flat_map(|(i, m)| m.batch.iter().enumerate().map(move |(n, e)| (i, n, e)));
+            let (mut member, mut number, mut ids, mut types, mut schemas, mut data, mut metadata) =
+                (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+            for (i, n, e) in events {
+                member.push(i as i64 + 1);
+                number.push(n as i64 + 1);
+                ids.push(e.event.id);
+                types.push(e.event.event_type.as_str());
+                schemas.push(e.event.schema_version as i32);
+                data.push(e.data.as_str());
+                metadata.push(e.metadata.as_str());
+            }
+            sqlx::query(APPEND_GROUP)
+                .bind(streams)
+                .bind(categories)
+                .bind(group.iter().map(base).collect::<Vec<_>>())
+                .bind(group.iter().map(|m| m.expected == ExpectedVersion::StreamExists).collect::<Vec<_>>())
+                .bind(hashes)
+                .bind(member)
+                .bind(number)
+                .bind(ids)
+                .bind(types)
+                .bind(schemas)
+                .bind(data)
+                .bind(metadata)
+        }
+    };
+    let rows = query.fetch_all(pool).await?;
     let index: HashMap<&str, usize> = group.iter().enumerate().map(|(i, m)| (m.stream.as_str(), i)).collect();
     let mut written: HashMap<usize, Vec<(i64, Position)>> = HashMap::new();
     for row in &rows {
