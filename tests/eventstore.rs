@@ -154,18 +154,12 @@ mod postgres {
 
     use crate::support::partition_counts;
 
-    // Appends committed one by one (the default): every case, including the 40-writer races.
+    // Group commit on (the default): every case, including the 40-writer races.
     crate::conformance::suite!(async { (crate::support::pg::fresh_store().await, ()) });
 
-    /// With group commit on: the cases about conflicts, retries and concurrent writers, which
-    /// are the ones grouping changes the path of.
-    mod grouped {
-        crate::conformance::suite!(@cases async {
-            (crate::support::pg::fresh_store().await.with_group_commit(Some(annal::GroupCommit::default())), ())
-        };
-            expected_version_modes, conflicts_write_nothing, idempotent_retries, duplicates_that_are_not_retries,
-            one_winner_among_concurrent_appenders, concurrent_writers_are_seen_once_in_order,
-            forty_concurrent_appenders_in_every_mode, a_retry_racing_a_conflicting_append_ends_one_way);
+    /// Every append committed alone (`with_group_commit(None)`): every case again.
+    mod alone {
+        crate::conformance::suite!(async { (crate::support::pg::fresh_store().await.with_group_commit(None), ()) });
     }
 
     #[tokio::test]

@@ -53,9 +53,9 @@ struct Args {
     /// Run only these suites (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Suite>,
-    /// Group commit of the appends and commands suites' stores: `off` (the store's default),
-    /// `on` (`GroupCommit::default()`), or `MEMBERS,IN_FLIGHT` (see `GroupCommit::new`).
-    #[arg(long, default_value = "off", value_parser = parse_group_commit)]
+    /// Group commit of the appends and commands suites' stores: `on` (`GroupCommit::default()`,
+    /// the store's default), `off`, or `MEMBERS,IN_FLIGHT` (see `GroupCommit::new`).
+    #[arg(long, default_value = "on", value_parser = parse_group_commit)]
     group_commit: Grouping,
 }
 

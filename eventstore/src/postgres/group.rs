@@ -5,8 +5,8 @@
 //! multi-stream `INSERT`, so they pay for one flush between them (figures in
 //! `docs/benchmarks.md`, the rule in `docs/ordering.md`, "Group commit").
 //!
-//! Natural batching, no timer: at most `max_in_flight` commits run at once (by default half the
-//! pool's connections). An append that finds a free slot runs alone at once, exactly as without
+//! Natural batching, no timer: at most `max_in_flight` commits run at once (by default
+//! [`DEFAULT_IN_FLIGHT`], or half the pool's connections if fewer). An append that finds a free slot runs alone at once, exactly as without
 //! grouping, so a lone writer never waits, and up to `max_in_flight` concurrent writers commit
 //! side by side, their WAL flushes merged by the server as before. An append that finds every
 //! slot busy (more writers than that, which would otherwise queue for a connection) queues; when a slot frees, what queued (up to `max_members`
@@ -44,6 +44,11 @@ use crate::{AppendResult, Error, ExpectedVersion, Position, Result, StreamName};
 /// more), so a small append never waits behind a huge statement of others' events.
 const MAX_GROUP_EVENTS: usize = 1000;
 
+/// Commits in flight by default (fewer if half the pool is fewer): on the 2-core machine of
+/// `docs/benchmarks.md` four concurrent commits already keep it busy, so writers beyond four
+/// share commits instead of queueing for a connection ("Group commit on by default").
+const DEFAULT_IN_FLIGHT: usize = 4;
+
 /// How [`PgEventStore`](super::PgEventStore) groups concurrent appends into shared commits; see
 /// [`PgEventStore::with_group_commit`](super::PgEventStore::with_group_commit).
 ///
@@ -80,17 +85,17 @@ impl GroupCommit {
         self.max_members
     }
 
-    /// The most commits running at once before appends queue for a group; `None`: half the
-    /// store's pool connections (at least 1).
+    /// The most commits running at once before appends queue for a group; `None`: 4, or half
+    /// the store's pool connections if that is fewer (at least 1).
     pub fn max_in_flight(&self) -> Option<usize> {
         self.max_in_flight
     }
 }
 
 impl Default for GroupCommit {
-    /// 64 members; as many commits in flight as half the pool's connections, leaving the other
-    /// half to reads. (Grouping itself is off unless asked for: see
-    /// [`PgEventStore::with_group_commit`](super::PgEventStore::with_group_commit).)
+    /// 64 members; 4 commits in flight, or half the pool's connections if fewer, leaving the
+    /// rest to reads. What [`PgEventStore`](super::PgEventStore) uses unless told otherwise
+    /// ([`PgEventStore::with_group_commit`](super::PgEventStore::with_group_commit)).
     fn default() -> Self {
         GroupCommit { max_members: 64, max_in_flight: None }
     }
@@ -143,7 +148,7 @@ impl Groups {
     /// Appends go through `config`'s groups, or each alone with `None`.
     pub(super) fn new(pool: PgPool, config: Option<GroupCommit>) -> Arc<Self> {
         let half_the_pool = (pool.options().get_max_connections() / 2).max(1) as usize;
-        let max_in_flight = config.and_then(|c| c.max_in_flight).unwrap_or(half_the_pool);
+        let max_in_flight = config.and_then(|c| c.max_in_flight).unwrap_or(DEFAULT_IN_FLIGHT.min(half_the_pool));
         Arc::new(Groups { pool, config, max_in_flight, state: Mutex::default() })
     }
 
