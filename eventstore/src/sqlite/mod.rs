@@ -498,7 +498,7 @@ async fn insert_guarded(
             .bind(e.metadata.as_str());
     }
     let rows = query.fetch_all(writer).await?;
-    rows.iter().map(|r| Ok((r.try_get("version")?, r.try_get("position")?))).collect()
+    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
 /// [`insert_guarded`]'s statement for `rows` events (1 to [`ROWS_PER_INSERT`]), each built once.
