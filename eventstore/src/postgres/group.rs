@@ -44,9 +44,10 @@ use crate::{AppendResult, Error, ExpectedVersion, Position, Result, StreamName};
 /// more), so a small append never waits behind a huge statement of others' events.
 const MAX_GROUP_EVENTS: usize = 1000;
 
-/// Commits in flight by default (fewer if half the pool is fewer): on the 2-core machine of
-/// `docs/benchmarks.md` four concurrent commits already keep it busy, so writers beyond four
-/// share commits instead of queueing for a connection ("Group commit on by default").
+/// Commits in flight by default (fewer if half the pool is fewer): on the 2-core machine of the
+/// benchmarks four concurrent commits already keep it busy, so writers beyond four
+/// share commits instead of queueing for a connection (`docs/benchmarks.md`, "One-event appends
+/// without arrays, a cheaper wake-up, group commit on by default").
 const DEFAULT_IN_FLIGHT: usize = 4;
 
 /// How [`PgEventStore`](super::PgEventStore) groups concurrent appends into shared commits; see

@@ -154,12 +154,13 @@ impl PgEventStore {
     /// groups them once more than `max_in_flight` are running, `None` commits each append alone.
     ///
     /// On by default since the group statement for single-event appends became one `INSERT`
-    /// over one `unnest` and the default in-flight limit 4: on a 2-core machine that shares client
-    /// and server, 16 single-event writers then did 1.07 of the same store without grouping and
-    /// 1.09 of raw single-row `INSERT`s, and 16 command tasks 1.09 of the single-row ceiling,
-    /// while 1 and 4 writers never queue and run exactly as without it (`docs/benchmarks.md`,
-    /// "Group commit on by default"). Below `max_in_flight` concurrent appends nothing changes;
-    /// turn it off (`None`) to give every append its own commit at any concurrency.
+    /// over one `unnest` and the default in-flight limit 4: on a 2-core machine that shares
+    /// client and server, 16 single-event writers then did 1.07 and 1.27 of the same store
+    /// without grouping (1.09 and 1.25 of raw single-row `INSERT`s), and 16 command tasks 1.09
+    /// and 1.14 of the single-row ceiling, while 1 and 4 writers never queue and run as without
+    /// it (`docs/benchmarks.md`, "One-event appends without arrays, a cheaper wake-up, group
+    /// commit on by default"). Turn it off (`None`) to give every append its own commit at any
+    /// concurrency.
     ///
     /// With grouping, an append that finds `max_in_flight` commits running waits for one of them
     /// to end and is then committed with every append that queued meanwhile, in one transaction:
