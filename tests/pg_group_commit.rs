@@ -100,6 +100,11 @@ async fn in_one_group(store: &PgEventStore, appends: Vec<Append>) -> Vec<annal::
     results
 }
 
+/// The transactions that committed these successful appends.
+fn transactions(results: &[annal::Result<AppendResult>]) -> HashSet<u64> {
+    results.iter().flat_map(|r| r.as_ref().unwrap().positions.iter().map(|p| p.transaction())).collect()
+}
+
 async fn stream_events<S: EventStore>(store: &S, s: &StreamName) -> Vec<RecordedEvent> {
     store.read_stream(s, ReadStream::forwards()).try_collect().await.unwrap()
 }
@@ -202,8 +207,7 @@ async fn a_conflicting_member_fails_alone_and_the_rest_of_its_group_commits_in_o
         "{:?}",
         results[1]
     );
-    let commits: HashSet<u64> =
-        results[2..].iter().flat_map(|r| r.as_ref().unwrap().positions.iter().map(|p| p.transaction())).collect();
+    let commits = transactions(&results[2..]);
     assert_eq!(commits.len(), 1, "the eight other appends share one transaction: {commits:?}");
     assert_eq!(results[2].as_ref().unwrap().version, 4);
     assert_eq!(results[3].as_ref().unwrap().version, 2);
@@ -241,8 +245,7 @@ async fn a_group_of_single_exact_appends_commits_together_and_its_conflicts_fail
         "{:?}",
         results[1]
     );
-    let commits: HashSet<u64> =
-        results[2..].iter().flat_map(|r| r.as_ref().unwrap().positions.iter().map(|p| p.transaction())).collect();
+    let commits = transactions(&results[2..]);
     assert_eq!(commits.len(), 1, "the six other appends share one transaction: {commits:?}");
     assert_eq!(results[2].as_ref().unwrap().version, 2);
     assert_eq!(results[3].as_ref().unwrap().version, 1);

@@ -174,7 +174,7 @@ impl PgEventStore {
     ///
     /// # async fn example() -> annal_eventstore::Result<()> {
     /// let store = PgEventStore::connect("postgres://localhost/app").await?;
-    /// let grouped = store.clone().with_group_commit(Some(GroupCommit::default()));
+    /// let alone = store.clone().with_group_commit(None);
     /// let wide = store.with_group_commit(Some(GroupCommit::new(128, 4)?));
     /// # Ok(())
     /// # }
