@@ -376,11 +376,7 @@ impl SqliteEventStore {
         }
         // IMMEDIATE takes the write lock now, so the version read below cannot go stale.
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let current: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM annal_events WHERE stream = ?")
-            .bind(stream.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-        let current = current.map(to_u64);
+        let current = last_version(&mut *tx, stream).await?;
         let first = match first_version(stream, expected, current) {
             Ok(first) => first,
             Err(conflict) => {
@@ -414,9 +410,7 @@ impl SqliteEventStore {
         self.notifier.notify_up_to(result.position());
         Ok(result)
     }
-}
 
-impl SqliteEventStore {
     /// Appends a batch of at most [`ROWS_PER_INSERT`] events by one statement, its own
     /// transaction: the guard compares the stream's last version with the expectation in the
     /// same statement, so no transaction has to hold the write lock across a read.
@@ -449,17 +443,22 @@ impl SqliteEventStore {
             if let Some(original) = resolve_written(stream, expected, ids, self.written(ids).await?)? {
                 return Ok(original);
             }
-            let last: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM annal_events WHERE stream = ?")
-                .bind(stream.as_str())
-                .fetch_one(&self.writer)
-                .await?;
-            actual = last.map(to_u64);
+            actual = last_version(&self.writer, stream).await?;
             if !expected.is_satisfied_by(actual) {
                 break;
             }
         }
         Err(Error::Conflict { stream: stream.clone(), expected, actual })
     }
+}
+
+/// The stream's last version; `None`: no stream.
+async fn last_version<'c>(on: impl sqlx::SqliteExecutor<'c>, stream: &StreamName) -> Result<Option<u64>> {
+    let last: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM annal_events WHERE stream = ?")
+        .bind(stream.as_str())
+        .fetch_one(on)
+        .await?;
+    Ok(last.map(to_u64))
 }
 
 /// How often a one-statement append is tried again when the expectation holds after it was
