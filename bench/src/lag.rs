@@ -361,13 +361,39 @@ pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::R
             }
             _ => ledger(handler),
         };
+        let before = maintenance(events.pool()).await?;
         let (m, curve) = measure(events.clone(), inner.clone(), projection, run, plan).await?;
+        let after = maintenance(events.pool()).await?;
+        let label = m.first().map(|m| m.name.split(':').next().unwrap_or_default().to_owned()).unwrap_or_default();
         measurements.extend(m);
+        measurements.push(
+            Measurement::new(
+                format!("{label}: server checkpoints during the run"),
+                (after.0 - before.0) as f64,
+                "checkpoints",
+                Better::Lower,
+            )
+            .note(format!("and {} autovacuum or autoanalyze runs of the suite's tables", after.1 - before.1)),
+        );
         curves.push(curve);
     }
     events.close().await;
     drop_schema(admin, "bench_lag").await?;
     Ok((measurements, curves))
+}
+
+/// The server's checkpoints so far, and the autovacuum and autoanalyze runs of the tables in
+/// the pool's schema: what else wrote to the disk while a lag run was measured (a stall in the
+/// p99.9 is then the server's, not the projection's).
+async fn maintenance(pool: &PgPool) -> anyhow::Result<(i64, i64)> {
+    let row: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter), \
+         (SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0)::int8 FROM pg_stat_user_tables \
+          WHERE schemaname = current_schema())",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(row)
 }
 
 /// SQLite at 1,000 events per second.

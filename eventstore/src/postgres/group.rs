@@ -307,7 +307,7 @@ const APPEND_GROUP: &str = "\
 
 /// [`APPEND_GROUP`] for the common group, each member one event with an exact expectation (a
 /// version, or no stream): one row per member, its guard the single-event append's
-/// (`APPEND_ONE_EXACT` in `mod.rs`), no stream's last event to look up and nothing to join.
+/// (`exact_guard!` in `mod.rs`), no stream's last event to look up and nothing to join.
 const APPEND_GROUP_OF_ONES: &str = "\
     INSERT INTO annal_events (event_id, stream, category, version, event_type, schema_version, data, metadata, stream_hash) \
     SELECT e.id, e.stream, e.category, e.base + 1, e.ty, e.sv, e.data::jsonb, e.meta::jsonb, e.hash \
