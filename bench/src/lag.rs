@@ -361,6 +361,9 @@ pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::R
             }
             _ => ledger(handler),
         };
+        // A checkpoint now, so that the previous run's WAL does not trigger one inside this
+        // run's window; checkpoints that still fall inside it are counted and reported.
+        sqlx::query("CHECKPOINT").execute(events.pool()).await?;
         let before = maintenance(events.pool()).await?;
         let (m, curve) = measure(events.clone(), inner.clone(), projection, run, plan).await?;
         let after = maintenance(events.pool()).await?;
