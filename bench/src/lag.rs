@@ -307,6 +307,19 @@ struct Run {
     handler: Handler,
 }
 
+impl Run {
+    /// "PostgreSQL lag at 10000 events/s, one INSERT per event": what names the run's figures.
+    fn label(&self) -> String {
+        let statements = match self.handler {
+            Handler::PerEvent => "one INSERT per event",
+            Handler::Declarative => "one INSERT per event, declarative (annal-runner)",
+            Handler::PerBatch => "one INSERT per batch",
+            Handler::PerBatchAsync => "one INSERT per batch, asynchronous commit",
+        };
+        format!("{} lag at {} events/s, {statements}", self.backend, self.rate)
+    }
+}
+
 /// How the projection writes its read model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Handler {
@@ -367,11 +380,10 @@ pub(crate) async fn postgres(admin: &PgPool, url: &str, plan: Plan) -> anyhow::R
         let before = maintenance(events.pool()).await?;
         let (m, curve) = measure(events.clone(), inner.clone(), projection, run, plan).await?;
         let after = maintenance(events.pool()).await?;
-        let label = m.first().map(|m| m.name.split(':').next().unwrap_or_default().to_owned()).unwrap_or_default();
         measurements.extend(m);
         measurements.push(
             Measurement::new(
-                format!("{label}: server checkpoints during the run"),
+                format!("{}: server checkpoints during the run", run.label()),
                 (after.0 - before.0) as f64,
                 "checkpoints",
                 Better::Lower,
@@ -498,13 +510,7 @@ where
         before.ms(0.5),
         before.ms(0.99)
     );
-    let statements = match run.handler {
-        Handler::PerEvent => "one INSERT per event",
-        Handler::Declarative => "one INSERT per event, declarative (annal-runner)",
-        Handler::PerBatch => "one INSERT per batch",
-        Handler::PerBatchAsync => "one INSERT per batch, asynchronous commit",
-    };
-    let label = format!("{} lag at {} events/s, {statements}", run.backend, run.rate);
+    let label = run.label();
     let how = format!(
         "{} writers, {}-event appends, {} events over {} s",
         run.writers,
